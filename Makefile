@@ -1,0 +1,23 @@
+# Two quickstart targets; each works on a fresh machine by itself.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+
+demo: install
+	HF_HUB_OFFLINE=1 $(PY) recipes/hyper_cleaning.py --output_dir outputs/hyper_cleaning
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+.PHONY: install test demo lint

@@ -1,0 +1,256 @@
+"""BROS and MA-SOBA steps on dicts of tensors, usable from any training loop.
+
+Per step k, with lower batch ξ and upper batch ζ (DESIGN.md §2):
+
+    θ ← θ − β S_P ∇_θ g(λ, θ; ξ)                            (through r-dim coordinates)
+    z ← Π_R( z − γ_n S_P ( H S_Q z − ∇_θ f(θ; ζ) ) )         H = ∇²_θθ g(λ, θ; ξ)
+    D = ∇_λ f − ∂_λ ⟨∇_θ g, S_P z⟩
+    h ← (1 − ρ) h + ρ D,       λ ← λ − α h
+
+``method="masoba"`` is the same code with identity sketches (S_P = S_Q = I). ``method="bros"``
+draws independent Rademacher (or Gaussian) P, Q every ``resample_every`` steps from a seeded CPU
+generator, identical on every process. γ_n = γ · r / n for a tensor sketched along a dimension of
+size n (``aux_step_scaling="rank_ratio"``, the default) because the variance of S_P H S_Q grows
+like (n / r)²; full-space tensors use γ. All terms of a step use the iterates (θ_k, z_k, λ_k).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from bros_hf.estimators import (
+    HessianMode,
+    LossFn,
+    LowerLossFn,
+    LowerPassResult,
+    coordinate_gradient,
+    global_norm,
+    lower_pass,
+)
+from bros_hf.sketch import Sketch, SketchKind
+from bros_hf.upper import UpperVariable
+
+Method = Literal["bros", "masoba"]
+
+
+@dataclass
+class BilevelHyperparameters:
+    """Knobs of the bilevel step (see module docstring for the equations)."""
+
+    method: Method = "bros"
+    rank: int = 16
+    sketch: SketchKind = "rademacher"
+    resample_every: int = 1
+    hessian_mode: HessianMode = "autograd"
+    aux_lr: float = 0.1
+    aux_step_scaling: Literal["rank_ratio", "none"] = "rank_ratio"
+    upper_lr: float = 0.1
+    ma_weight: float = 0.5
+    z_radius: float | None = None
+    fd_eps: float = 1e-3
+    upper_warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("bros", "masoba"):
+            raise ValueError(f"method must be 'bros' or 'masoba', got {self.method!r}.")
+        if self.rank < 1:
+            raise ValueError(f"rank must be ≥ 1, got {self.rank}.")
+        if self.resample_every < 1:
+            raise ValueError(f"resample_every must be ≥ 1, got {self.resample_every}.")
+        for name in ("aux_lr", "upper_lr", "fd_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+        if not 0.0 < self.ma_weight <= 1.0:
+            raise ValueError(f"ma_weight ρ must be in (0, 1], got {self.ma_weight}.")
+        if self.z_radius is not None and not self.z_radius > 0:
+            raise ValueError(f"z_radius must be > 0 or None, got {self.z_radius}.")
+
+
+@dataclass
+class StepStatistics:
+    lower_loss: float
+    upper_loss: float
+    hypergradient_norm: float
+    z_norm: float
+    skipped: bool
+
+
+class BilevelEngine:
+    """State of one bilevel problem: θ (referenced, updated in place), z, sketches, λ (``upper``).
+
+    The Trainer adapter calls the granular methods (it accumulates and all-reduces between them);
+    :meth:`step` runs one whole SGD-lower step for custom loops.
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, Tensor],
+        upper: UpperVariable,
+        hparams: BilevelHyperparameters,
+        seed: int = 0,
+    ):
+        self.params = dict(params)
+        self.upper = upper
+        self.hparams = hparams
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.z = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+        self.step_count = 0
+        self.sketch_p = Sketch.identity(self.params)
+        self.sketch_q = self.sketch_p
+        self._resample_if_due()
+
+    # -- sketches -------------------------------------------------------------------------------
+    @property
+    def full_space(self) -> bool:
+        return self.hparams.method == "masoba"
+
+    def _resample_if_due(self) -> bool:
+        if self.full_space or self.step_count % self.hparams.resample_every != 0:
+            return False
+        kind, rank = self.hparams.sketch, self.hparams.rank
+        self.sketch_p = Sketch.sample(self.params, rank, self.generator, kind)
+        self.sketch_q = Sketch.sample(self.params, rank, self.generator, kind)
+        return True
+
+    def begin_step(self) -> bool:
+        """Call once per optimizer step before any term; returns True when new sketches were drawn."""
+        return self._resample_if_due()
+
+    def end_step(self) -> None:
+        self.step_count += 1
+
+    # -- terms ----------------------------------------------------------------------------------
+    def lower_terms(self, lower_loss_fn: LowerLossFn, *, need_upper: bool = True) -> LowerPassResult:
+        """Pᵀ∇g, Pᵀ H Q Qᵀ z and ∂_λ⟨∇_θ g, S_P z⟩ on one lower batch, at the current iterates."""
+        direction = self.sketch_q.project(self.z) if need_upper else None
+        cross_vector = self.sketch_p.project(self.z) if need_upper else None
+        return lower_pass(
+            lower_loss_fn,
+            self.upper.logits,
+            self.params,
+            self.sketch_p,
+            direction=direction,
+            cross_vector=cross_vector,
+            mode=self.hparams.hessian_mode,
+            fd_eps=self.hparams.fd_eps,
+        )
+
+    def upper_terms(self, upper_loss_fn: LossFn) -> tuple[Tensor, dict[str, Tensor]]:
+        """(f(θ; ζ), Pᵀ∇_θ f(θ; ζ)) on one upper batch."""
+        return coordinate_gradient(upper_loss_fn, self.params, self.sketch_p)
+
+    # -- updates --------------------------------------------------------------------------------
+    def aux_step_size(self, name: str) -> float:
+        """γ_n: γ · r/n for sketched tensors under ``rank_ratio`` scaling, else γ."""
+        gamma = self.hparams.aux_lr
+        if self.hparams.aux_step_scaling == "rank_ratio":
+            gamma *= self.sketch_p.rank_ratio(name, self.params[name])
+        return gamma
+
+    @torch.no_grad()
+    def update_auxiliary(self, hessian_action: Mapping[str, Tensor], upper_grad: Mapping[str, Tensor]) -> None:
+        """z ← Π_R(z − γ_n P (Pᵀ H Q Qᵀ z − Pᵀ∇f)); all arguments are P-coordinates."""
+        for name, z in self.z.items():
+            residual = hessian_action[name].float() - upper_grad[name].float()
+            z.sub_(self.sketch_p.expand_one(name, residual, z.shape), alpha=self.aux_step_size(name))
+        radius = self.hparams.z_radius
+        if radius is not None:
+            norm = float(global_norm(self.z))
+            if norm > radius:
+                for z in self.z.values():
+                    z.mul_(radius / norm)
+
+    def update_upper(self, hypergradient: Tensor) -> bool:
+        """h, λ update with D (skipped during the upper warm-up or when D is non-finite)."""
+        if self.step_count < self.hparams.upper_warmup_steps:
+            return False
+        return self.upper.update(hypergradient, self.hparams.upper_lr, self.hparams.ma_weight)
+
+    @torch.no_grad()
+    def apply_coordinates(self, deltas: Mapping[str, Tensor]) -> None:
+        """θ ← θ + P Δa for each tensor (the lower update, Δa from any optimizer in coordinates)."""
+        for name, delta in deltas.items():
+            param = self.params[name]
+            param.add_(self.sketch_p.expand_one(name, delta, param.shape).to(param.dtype))
+
+    # -- whole step (custom loops) --------------------------------------------------------------
+    def step(
+        self,
+        lower_loss_fn: LowerLossFn,
+        upper_loss_fn: LossFn,
+        lower_lr: float,
+    ) -> StepStatistics:
+        """One BROS/MA-SOBA step with SGD on the lower level (θ ← θ − β S_P ∇g)."""
+        self.begin_step()
+        lower = self.lower_terms(lower_loss_fn)
+        upper_loss, upper_grad = self.upper_terms(upper_loss_fn)
+        finite = bool(torch.isfinite(lower.loss)) and bool(torch.isfinite(upper_loss))
+        finite = finite and all(bool(torch.isfinite(g).all()) for g in lower.grad.values())
+        hypergradient = -lower.cross
+        if finite:
+            self.update_auxiliary(lower.hessian_action, upper_grad)
+            self.update_upper(hypergradient)
+            self.apply_coordinates({n: -lower_lr * g for n, g in lower.grad.items()})
+        self.end_step()
+        return StepStatistics(
+            lower_loss=float(lower.loss),
+            upper_loss=float(upper_loss),
+            hypergradient_norm=float(hypergradient.norm()),
+            z_norm=float(global_norm(self.z)),
+            skipped=not finite,
+        )
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-identically: z, λ/h, sketches, generator, step."""
+        return {
+            "z": {n: z.detach().cpu().clone() for n, z in self.z.items()},
+            "upper": self.upper.state_dict(),
+            "sketch_p": self.sketch_p.state_dict(),
+            "sketch_q": self.sketch_q.state_dict(),
+            "generator": self.generator.get_state(),
+            "step_count": torch.tensor(self.step_count, dtype=torch.int64),
+            "hparams": {k: v for k, v in asdict(self.hparams).items() if v is not None},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = state["hparams"]
+        current = {k: v for k, v in asdict(self.hparams).items() if v is not None}
+        differing = {
+            k: (saved.get(k), current.get(k))
+            for k in set(saved) | set(current)
+            if k != "upper_warmup_steps" and saved.get(k) != current.get(k)
+        }
+        if differing:
+            details = ", ".join(f"{k}: checkpoint={a!r} vs now={b!r}" for k, (a, b) in sorted(differing.items()))
+            raise ValueError(f"Refusing to resume bilevel state written by a different configuration ({details}).")
+        missing = set(self.z) ^ set(state["z"])
+        if missing:
+            raise ValueError(f"Bilevel checkpoint does not match the trainable parameters: {sorted(missing)[:5]}.")
+        for name, z in self.z.items():
+            z.copy_(state["z"][name])
+        self.upper.load_state_dict(state["upper"])
+        names = list(self.params)
+        self.sketch_p = Sketch.from_state_dict(names, state["sketch_p"]).to(next(iter(self.z.values())).device)
+        self.sketch_q = Sketch.from_state_dict(names, state["sketch_q"]).to(next(iter(self.z.values())).device)
+        self.generator.set_state(state["generator"])
+        self.step_count = int(state["step_count"])
+
+
+def make_lower_loss(
+    per_example_loss: Callable[[Mapping[str, Tensor]], Tensor],
+    upper: UpperVariable,
+    keys: Tensor,
+) -> LowerLossFn:
+    """g(λ, θ) = (1/n) Σ_i c_i(λ) ℓ_i(θ) for the examples with ``keys`` (domain ids or indices)."""
+
+    def lower_loss(lam: Tensor, params: dict[str, Tensor]) -> Tensor:
+        losses = per_example_loss(params)
+        return (upper.coefficients(keys, lam).to(losses.dtype) * losses).mean()
+
+    return lower_loss
