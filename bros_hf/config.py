@@ -1,0 +1,173 @@
+"""BROSConfig: every bilevel knob on top of ``transformers.TrainingArguments``.
+
+TRL-style dataclass: each field has help text (and choices where they apply), parses with
+``HfArgumentParser`` and is validated in ``__post_init__``. The lower level uses the usual
+``TrainingArguments`` fields (``learning_rate``, ``optim``, ``weight_decay``, scheduler,
+``max_grad_norm``, batch sizes, ``gradient_accumulation_steps``, ``bf16``...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from bros_hf.solver import BilevelHyperparameters
+
+SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop")
+
+
+@dataclass
+class BROSConfig(TrainingArguments):
+    """Training arguments plus the bilevel (upper level, auxiliary, sketch) configuration."""
+
+    bilevel_method: str = field(
+        default="bros",
+        metadata={
+            "help": "'bros': lower and auxiliary updates in random subspaces with the bi-probe correction. "
+            "'masoba': full-space MA-SOBA (identity sketches; the baseline).",
+            "choices": ["bros", "masoba"],
+        },
+    )
+    upper_level: str = field(
+        default="domain",
+        metadata={
+            "help": "'domain': learn a mixture over the values of `domain_column`. "
+            "'sample': learn one weight per training example.",
+            "choices": ["domain", "sample"],
+        },
+    )
+    domain_column: str = field(
+        default="domain",
+        metadata={"help": "Column of the training set holding each example's domain (name or id)."},
+    )
+    subspace_rank: int = field(
+        default=16,
+        metadata={"help": "Rank r of the random subspaces (bros only). Tensors whose input dimension is ≤ r stay full-space."},
+    )
+    sketch_kind: str = field(
+        default="rademacher",
+        metadata={"help": "Distribution of the sketch entries (variance 1/r).", "choices": ["rademacher", "gaussian"]},
+    )
+    sketch_resample_interval: int = field(
+        default=1,
+        metadata={
+            "help": "Draw new sketches every T optimizer steps. T=1 is the analysed method; the lower optimizer's "
+            "state lives in the subspace and is reset at each resample, so Adam-like optimizers prefer larger T."
+        },
+    )
+    hessian_mode: str = field(
+        default="autograd",
+        metadata={
+            "help": "How second-order terms are computed: 'autograd' (double backward restricted to the r-dim "
+            "coordinates, exact) or 'finite_difference' (first-order passes only, O(eps^2) bias, less memory).",
+            "choices": ["autograd", "finite_difference"],
+        },
+    )
+    finite_difference_eps: float = field(
+        default=1e-3,
+        metadata={"help": "Norm of the parameter perturbation used by finite differences."},
+    )
+    aux_learning_rate: float = field(
+        default=0.05,
+        metadata={"help": "Auxiliary step size γ for z ≈ H^{-1} ∇_θ f (before rank scaling)."},
+    )
+    aux_step_scaling: str = field(
+        default="rank_ratio",
+        metadata={
+            "help": "'rank_ratio': use γ·r/n for a tensor sketched along a dimension of size n (the variance of the "
+            "bi-probe Hessian action grows like (n/r)^2); 'none': use γ everywhere.",
+            "choices": ["rank_ratio", "none"],
+        },
+    )
+    upper_learning_rate: float = field(
+        default=1.0,
+        metadata={"help": "Upper-level step size α on the logits λ."},
+    )
+    moving_average_weight: float = field(
+        default=0.1,
+        metadata={"help": "MA-SOBA moving-average weight ρ ∈ (0, 1]: h ← (1-ρ) h + ρ D."},
+    )
+    upper_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Optimizer steps before the first upper-level (λ) update; θ and z are updated meanwhile."},
+    )
+    upper_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Per-device batch size of the upper (target) set; defaults to per_device_train_batch_size."},
+    )
+    z_norm_bound: float | None = field(
+        default=None,
+        metadata={"help": "Radius R of the projection Π_R of the auxiliary variable z (None: no projection)."},
+    )
+    mixture_floor: float = field(
+        default=0.0,
+        metadata={"help": "Domain mode: ε in w = (1-ε) softmax(λ) + ε/K, keeping every domain's weight ≥ ε/K."},
+    )
+    balanced_domain_batches: bool = field(
+        default=True,
+        metadata={
+            "help": "Domain mode: draw training batches round-robin over domains so each batch holds every domain "
+            "equally often (the learned weights are then directly a sampling mixture)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.upper_level not in ("domain", "sample"):
+            raise ValueError(f"upper_level must be 'domain' or 'sample', got {self.upper_level!r}.")
+        if self.sketch_kind not in ("rademacher", "gaussian"):
+            raise ValueError(f"sketch_kind must be 'rademacher' or 'gaussian', got {self.sketch_kind!r}.")
+        if self.aux_step_scaling not in ("rank_ratio", "none"):
+            raise ValueError(f"aux_step_scaling must be 'rank_ratio' or 'none', got {self.aux_step_scaling!r}.")
+        if self.hessian_mode not in ("autograd", "finite_difference"):
+            raise ValueError(
+                f"hessian_mode must be 'autograd' or 'finite_difference', got {self.hessian_mode!r}."
+            )
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate (lower step size β) must be > 0, got {self.learning_rate}.")
+        if self.upper_batch_size is not None and self.upper_batch_size < 1:
+            raise ValueError(f"upper_batch_size must be ≥ 1, got {self.upper_batch_size}.")
+        if self.upper_warmup_steps < 0:
+            raise ValueError(f"upper_warmup_steps must be ≥ 0, got {self.upper_warmup_steps}.")
+        if not 0.0 <= self.mixture_floor < 1.0:
+            raise ValueError(f"mixture_floor must be in [0, 1), got {self.mixture_floor}.")
+        if self.optim not in SUPPORTED_OPTIMIZERS:
+            raise ValueError(
+                f"optim={self.optim!r} is not supported for the lower level (its state lives in the r-dim "
+                f"coordinates); use one of {list(SUPPORTED_OPTIMIZERS)}."
+            )
+        if self.fsdp:
+            raise ValueError(
+                "FSDP is not supported: it frees/shards parameters after backward, which breaks the bilevel "
+                "second-order passes. Use DDP (accelerate launch --multi_gpu) instead."
+            )
+        if self.deepspeed:
+            raise ValueError(
+                "DeepSpeed is not supported (ZeRO-3 partitions parameters, breaking second-order passes, and the "
+                "lower optimizer state lives in the subspace). Use DDP (accelerate launch --multi_gpu) instead."
+            )
+        ckpt_kwargs = self.activation_checkpointing_kwargs or {}
+        if self.activation_checkpointing and isinstance(ckpt_kwargs, dict) and ckpt_kwargs.get("use_reentrant"):
+            raise ValueError(
+                "Reentrant activation checkpointing is incompatible with torch.autograd.grad, which the bilevel "
+                "passes use. Set activation_checkpointing_kwargs={'use_reentrant': False} (the default)."
+            )
+        self.bilevel_hyperparameters()  # validates the remaining knobs
+
+    def bilevel_hyperparameters(self) -> BilevelHyperparameters:
+        """The solver's view of this config (raises ValueError on invalid values)."""
+        return BilevelHyperparameters(
+            method=self.bilevel_method,
+            rank=self.subspace_rank,
+            sketch=self.sketch_kind,
+            resample_every=self.sketch_resample_interval,
+            hessian_mode=self.hessian_mode,
+            aux_lr=self.aux_learning_rate,
+            aux_step_scaling=self.aux_step_scaling,
+            upper_lr=self.upper_learning_rate,
+            ma_weight=self.moving_average_weight,
+            z_radius=self.z_norm_bound,
+            fd_eps=self.finite_difference_eps,
+            upper_warmup_steps=self.upper_warmup_steps,
+        )

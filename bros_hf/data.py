@@ -1,0 +1,221 @@
+"""Data plumbing for the bilevel trainer: example keys, balanced domain batches, the upper stream.
+
+Every training example carries a key column ``bros_key``: its domain id (domain mode) or its
+index in the training set (sample mode). The collator wrapper moves the key out of the model
+inputs into a tensor the trainer reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import datasets
+import torch
+from torch.utils.data import Dataset, IterableDataset, Sampler
+
+KEY_COLUMN = "bros_key"
+
+
+def domain_names(values: Sequence[Any], column: str) -> list[str]:
+    """Sorted, stable list of domain names (as strings) found in ``values``."""
+    names = sorted({str(v) for v in values})
+    if not names:
+        raise ValueError(f"The training set has no examples, so column {column!r} names no domain.")
+    return names
+
+
+def _column_values(dataset: Any, column: str) -> list[Any]:
+    if isinstance(dataset, datasets.Dataset):
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"upper_level='domain' needs a domain column, but the training set has no column {column!r} "
+                f"(columns: {dataset.column_names}). Add one (e.g. dataset.add_column({column!r}, names)) or set "
+                f"BROSConfig(domain_column=...)."
+            )
+        return list(dataset[column])
+    values = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if not isinstance(item, dict) or column not in item:
+            raise ValueError(
+                f"upper_level='domain' needs a domain column, but training example {i} has no key {column!r}."
+            )
+        values.append(item[column])
+    return values
+
+
+def check_domain_values(values: Sequence[Any], column: str) -> None:
+    """Domain values must be strings or integers (one hashable scalar per example)."""
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise TypeError(
+                f"Column {column!r} must hold one domain name (str) or id (int) per example, found "
+                f"{type(value).__name__} ({value!r}). Map it to names first, e.g. with dataset.map."
+            )
+
+
+def attach_keys(dataset: Any, upper_level: str, domain_column: str) -> tuple[Any, list[str] | None]:
+    """Return (dataset with a ``bros_key`` column, domain names or None).
+
+    Domain mode: key = index of the example's domain in the sorted domain list.
+    Sample mode: key = the example's index in ``dataset``.
+    """
+    if isinstance(dataset, (IterableDataset, datasets.IterableDataset)):
+        raise ValueError(
+            f"upper_level={upper_level!r} needs a map-style (indexable) training set to key its examples; got an "
+            "iterable dataset. Materialise it first (datasets.Dataset.from_generator or .take(n))."
+        )
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise ValueError("The training set must be indexable (support len() and [i]).")
+    if len(dataset) == 0:
+        raise ValueError("The training set is empty.")
+    names = None
+    if upper_level == "domain":
+        values = _column_values(dataset, domain_column)
+        check_domain_values(values, domain_column)
+        names = domain_names(values, domain_column)
+        lookup = {name: i for i, name in enumerate(names)}
+        keys = [lookup[str(v)] for v in values]
+    else:
+        keys = list(range(len(dataset)))
+    if isinstance(dataset, datasets.Dataset):
+        if KEY_COLUMN in dataset.column_names:
+            dataset = dataset.remove_columns(KEY_COLUMN)
+        return dataset.add_column(KEY_COLUMN, keys), names
+    return KeyedDataset(dataset, keys), names
+
+
+class KeyedDataset(Dataset):
+    """Wrap a map-style dataset of dicts, adding ``bros_key`` to every example."""
+
+    def __init__(self, dataset: Any, keys: Sequence[int]):
+        self.dataset = dataset
+        self.keys = list(keys)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.dataset[index])
+        item[KEY_COLUMN] = self.keys[index]
+        return item
+
+
+class KeyedCollator:
+    """Collate with the user's collator after taking ``bros_key`` out of each example."""
+
+    def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]], drop: Sequence[str] = ()):
+        self.collator = collator
+        self.drop = tuple(drop)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        keys = [f.get(KEY_COLUMN) for f in features]
+        stripped = [{k: v for k, v in f.items() if k != KEY_COLUMN and k not in self.drop} for f in features]
+        batch = self.collator(stripped)
+        if all(k is not None for k in keys):
+            batch[KEY_COLUMN] = torch.tensor([int(k) for k in keys], dtype=torch.long)
+        return batch
+
+
+def domain_counts(keys: Sequence[int], num_domains: int) -> list[int]:
+    counts = [0] * num_domains
+    for k in keys:
+        counts[k] += 1
+    return counts
+
+
+class BalancedDomainSampler(Sampler[int]):
+    """Round-robin over domains: position j of an epoch draws from domain j mod K.
+
+    Within a domain, examples come from seeded permutations (a new one whenever a domain runs out,
+    so small domains are revisited), so every batch of a size divisible by K holds each domain
+    equally often and L_d is the mean over that domain's share of the batch. An epoch has
+    ``len(dataset)`` positions. Deterministic in (seed, epoch): replays and resumes reproduce it.
+    """
+
+    def __init__(self, keys: Sequence[int], num_domains: int, seed: int = 0):
+        self.members: list[list[int]] = [[] for _ in range(num_domains)]
+        for index, key in enumerate(keys):
+            self.members[key].append(index)
+        self.num_examples = len(keys)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        queues: list[list[int]] = [[] for _ in self.members]
+        for position in range(self.num_examples):
+            domain = position % len(self.members)
+            if not queues[domain]:
+                order = torch.randperm(len(self.members[domain]), generator=generator).tolist()
+                queues[domain] = [self.members[domain][i] for i in reversed(order)]
+            yield queues[domain].pop()
+
+
+class UpperStream:
+    """Endless stream of upper-level batches ζ: sharded by rank, reshuffled every pass.
+
+    Pass e uses the permutation of a generator seeded with (seed, e); rank k of W takes positions
+    k, k+W, ...; batches are consecutive slices of that shard (a final short slice is dropped unless
+    the shard is smaller than one batch). ``state_dict`` holds (pass, offset) for exact resume.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if len(dataset) == 0:
+            raise ValueError("The upper (target) set is empty: pass a non-empty upper_dataset.")
+        if len(dataset) < world_size:
+            raise ValueError(
+                f"The upper set has {len(dataset)} examples, fewer than the {world_size} processes: each needs one."
+            )
+        self.dataset = dataset
+        self.collator = collator
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.offset = 0
+        self._shard: list[int] | None = None
+
+    def _current_shard(self) -> list[int]:
+        if self._shard is None:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(len(self.dataset), generator=generator).tolist()
+            self._shard = order[self.rank :: self.world_size]
+        return self._shard
+
+    def next_batch(self) -> dict[str, Any]:
+        shard = self._current_shard()
+        size = min(self.batch_size, len(shard))
+        if self.offset + size > len(shard):
+            self.epoch += 1
+            self.offset = 0
+            self._shard = None
+            shard = self._current_shard()
+        indices = shard[self.offset : self.offset + size]
+        self.offset += size
+        return self.collator([self.dataset[i] for i in indices])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.offset = int(state["offset"])
+        self._shard = None
