@@ -66,7 +66,11 @@ class BROSConfig(TrainingArguments):
     )
     finite_difference_eps: float = field(
         default=1e-3,
-        metadata={"help": "Norm of the parameter perturbation used by finite differences."},
+        metadata={"help": "Finite-difference Hessian action: perturbation norm relative to max(‖θ‖, 1)."},
+    )
+    finite_difference_eps_cross: float = field(
+        default=5e-3,
+        metadata={"help": "Finite-difference cross term (differences of losses): perturbation norm relative to max(‖θ‖, 1)."},
     )
     aux_learning_rate: float = field(
         default=0.05,
@@ -169,5 +173,6 @@ class BROSConfig(TrainingArguments):
             ma_weight=self.moving_average_weight,
             z_radius=self.z_norm_bound,
             fd_eps=self.finite_difference_eps,
+            fd_eps_cross=self.finite_difference_eps_cross,
             upper_warmup_steps=self.upper_warmup_steps,
         )

@@ -52,6 +52,20 @@ def global_norm(tensors: Mapping[str, Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
+class _CommonRandomNumbers:
+    """Replays the global RNG state before each pass, so stochastic layers (dropout) draw the same
+    masks in every pass of a finite difference: g(θ + δd) − g(θ − δd) then differs only through θ."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def replay(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
 def _zeros_for_unused(grads: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(ref) if g is None else g for g, ref in zip(grads, like, strict=True)]
 
@@ -66,6 +80,7 @@ def lower_pass(
     cross_vector: Mapping[str, Tensor] | None = None,
     mode: HessianMode = "autograd",
     fd_eps: float = 1e-3,
+    fd_eps_cross: float = 5e-3,
 ) -> LowerPassResult:
     """One lower-batch evaluation: Pᵀ∇g, Pᵀ H d and ∂_λ⟨∇_θ g, v⟩ at (λ, θ).
 
@@ -77,12 +92,18 @@ def lower_pass(
         direction: d = Q w as full tensors (``None``: no Hessian action).
         cross_vector: v for the cross term, typically S_P z (``None``: no cross term).
         mode: ``"autograd"`` (double backward in the coordinates) or ``"finite_difference"``.
-        fd_eps: finite-difference step: the perturbation θ ± δ d has norm δ‖d‖ = ``fd_eps``.
+        fd_eps: relative finite-difference step of the Hessian action: θ ± δ d with
+            δ‖d‖ = ``fd_eps`` · max(‖θ‖, 1).
+        fd_eps_cross: the same for the cross term, which differences loss values rather than
+            gradients and so needs a larger step to stay clear of float32 rounding (measured on a
+            2-layer GPT-2: relative error 0.02 at 5e-3, 1.0 at 5e-5).
     """
     if mode == "autograd":
         return _lower_pass_autograd(lower_loss_fn, lam, params, sketch_p, direction, cross_vector)
     if mode == "finite_difference":
-        return _lower_pass_finite_difference(lower_loss_fn, lam, params, sketch_p, direction, cross_vector, fd_eps)
+        return _lower_pass_finite_difference(
+            lower_loss_fn, lam, params, sketch_p, direction, cross_vector, fd_eps, fd_eps_cross
+        )
     raise ValueError(f"Unknown Hessian-action mode {mode!r}: use 'autograd' or 'finite_difference'.")
 
 
@@ -150,8 +171,12 @@ def _lower_pass_autograd(lower_loss_fn, lam, params, sketch_p, direction, cross_
     )
 
 
-def _coordinate_gradient(lower_loss_fn, lam, params, sketch_p, shifts) -> tuple[Tensor, dict[str, Tensor]]:
+def _coordinate_gradient(
+    lower_loss_fn, lam, params, sketch_p, shifts, rng: _CommonRandomNumbers | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
     """g and Pᵀ∇_θ g at θ + Σ shifts (one plain backward)."""
+    if rng is not None:
+        rng.replay()
     coords = sketch_p.zeros_like(params, requires_grad=True)
     coord_list = list(coords.values())
     loss = lower_loss_fn(lam.detach(), _perturbed(params, sketch_p, coords, shifts))
@@ -159,8 +184,9 @@ def _coordinate_gradient(lower_loss_fn, lam, params, sketch_p, shifts) -> tuple[
     return loss.detach(), dict(zip(coords, grads, strict=True))
 
 
-def _lambda_gradient(lower_loss_fn, lam, params, shifts) -> Tensor:
+def _lambda_gradient(lower_loss_fn, lam, params, shifts, rng: _CommonRandomNumbers) -> Tensor:
     """∇_λ g at θ + Σ shifts; θ is constant, so the backward only runs through λ."""
+    rng.replay()
     lam_leaf = lam.detach().clone().requires_grad_(True)
     with torch.no_grad():
         perturbed = _perturbed(params, None, None, shifts)
@@ -172,11 +198,13 @@ def _lambda_gradient(lower_loss_fn, lam, params, shifts) -> Tensor:
 
 
 def _lower_pass_finite_difference(
-    lower_loss_fn, lam, params, sketch_p, direction, cross_vector, fd_eps
+    lower_loss_fn, lam, params, sketch_p, direction, cross_vector, fd_eps, fd_eps_cross
 ) -> LowerPassResult:
+    rng = _CommonRandomNumbers()
+    scale = max(float(global_norm(params)), 1.0)
     loss, grads = None, None
     if sketch_p is not None:
-        loss, grads = _coordinate_gradient(lower_loss_fn, lam, params, sketch_p, [])
+        loss, grads = _coordinate_gradient(lower_loss_fn, lam, params, sketch_p, [], rng)
 
     hessian_action = None
     if direction is not None and sketch_p is not None:
@@ -184,9 +212,9 @@ def _lower_pass_finite_difference(
         if norm == 0.0:
             hessian_action = {n: torch.zeros_like(g) for n, g in grads.items()}
         else:
-            delta = fd_eps / norm
-            _, plus = _coordinate_gradient(lower_loss_fn, lam, params, sketch_p, [(delta, direction)])
-            _, minus = _coordinate_gradient(lower_loss_fn, lam, params, sketch_p, [(-delta, direction)])
+            delta = fd_eps * scale / norm
+            _, plus = _coordinate_gradient(lower_loss_fn, lam, params, sketch_p, [(delta, direction)], rng)
+            _, minus = _coordinate_gradient(lower_loss_fn, lam, params, sketch_p, [(-delta, direction)], rng)
             hessian_action = {n: (plus[n] - minus[n]) / (2 * delta) for n in plus}
 
     cross = None
@@ -195,11 +223,12 @@ def _lower_pass_finite_difference(
         if norm == 0.0:
             cross = torch.zeros_like(lam, dtype=torch.float32)
         else:
-            delta = fd_eps / norm
-            plus = _lambda_gradient(lower_loss_fn, lam, params, [(delta, cross_vector)])
-            minus = _lambda_gradient(lower_loss_fn, lam, params, [(-delta, cross_vector)])
+            delta = fd_eps_cross * scale / norm
+            plus = _lambda_gradient(lower_loss_fn, lam, params, [(delta, cross_vector)], rng)
+            minus = _lambda_gradient(lower_loss_fn, lam, params, [(-delta, cross_vector)], rng)
             cross = (plus - minus) / (2 * delta)
     if loss is None:
+        rng.replay()
         with torch.no_grad():
             loss = lower_loss_fn(lam.detach(), {n: p.detach() for n, p in params.items()})
     return LowerPassResult(loss=loss.detach(), grad=grads, hessian_action=hessian_action, cross=cross)
@@ -226,7 +255,8 @@ def hessian_action(
 
     Computed as P (Pᵀ H Q (Qᵀ v)), the mixed derivative of loss_fn(θ + P a + t Q Qᵀ v) in (a, t),
     so only r-dim coordinates and one scalar carry second-order graph (``mode="autograd"``), or as
-    P [Pᵀ∇(θ + δ Q Qᵀ v) − Pᵀ∇(θ − δ Q Qᵀ v)] / 2δ (``mode="finite_difference"``).
+    P [Pᵀ∇(θ + δ Q Qᵀ v) − Pᵀ∇(θ − δ Q Qᵀ v)] / 2δ (``mode="finite_difference"``, with
+    δ‖Q Qᵀ v‖ = ``fd_eps`` · max(‖θ‖, 1)).
     """
     if probes not in (0, 1, 2):
         raise ValueError(f"probes must be 0 (exact), 1 (shared sketch) or 2 (bi-probe), got {probes}.")
@@ -259,11 +289,14 @@ def cross_term(
     vector: Mapping[str, Tensor],
     *,
     mode: HessianMode = "autograd",
-    fd_eps: float = 1e-3,
+    fd_eps_cross: float = 5e-3,
 ) -> Tensor:
-    """∂_λ ⟨∇_θ g(λ, θ), v⟩ = ∇²_λθ g · v (in BROS, v = S_P z: ∂_λ⟨∇_a g, Pᵀ z⟩)."""
+    """∂_λ ⟨∇_θ g(λ, θ), v⟩ = ∇²_λθ g · v (in BROS, v = S_P z: ∂_λ⟨∇_a g, Pᵀ z⟩).
+
+    ``finite_difference``: [∇_λ g(λ, θ + δv) − ∇_λ g(λ, θ − δv)] / 2δ, δ‖v‖ = fd_eps_cross · max(‖θ‖, 1);
+    θ is constant there, so only forward passes and a backward through λ are needed."""
     result = lower_pass(
-        lower_loss_fn, lam, dict(params), None, cross_vector=dict(vector), mode=mode, fd_eps=fd_eps
+        lower_loss_fn, lam, dict(params), None, cross_vector=dict(vector), mode=mode, fd_eps_cross=fd_eps_cross
     )
     return result.cross
 

@@ -53,6 +53,7 @@ class BilevelHyperparameters:
     ma_weight: float = 0.5
     z_radius: float | None = None
     fd_eps: float = 1e-3
+    fd_eps_cross: float = 5e-3
     upper_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
@@ -62,7 +63,7 @@ class BilevelHyperparameters:
             raise ValueError(f"rank must be ≥ 1, got {self.rank}.")
         if self.resample_every < 1:
             raise ValueError(f"resample_every must be ≥ 1, got {self.resample_every}.")
-        for name in ("aux_lr", "upper_lr", "fd_eps"):
+        for name in ("aux_lr", "upper_lr", "fd_eps", "fd_eps_cross"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
         if not 0.0 < self.ma_weight <= 1.0:
@@ -138,6 +139,7 @@ class BilevelEngine:
             cross_vector=cross_vector,
             mode=self.hparams.hessian_mode,
             fd_eps=self.hparams.fd_eps,
+            fd_eps_cross=self.hparams.fd_eps_cross,
         )
 
     def upper_terms(self, upper_loss_fn: LossFn) -> tuple[Tensor, dict[str, Tensor]]:
