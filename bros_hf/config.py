@@ -41,6 +41,13 @@ class BROSConfig(TrainingArguments):
         default="domain",
         metadata={"help": "Column of the training set holding each example's domain (name or id)."},
     )
+    domains: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Fixed list of domain names (default: the sorted distinct values of domain_column). A listed "
+            "domain without training examples, or an example of an unlisted domain, is an error."
+        },
+    )
     subspace_rank: int = field(
         default=16,
         metadata={"help": "Rank r of the random subspaces (bros only). Tensors whose input dimension is ≤ r stay full-space."},

@@ -33,7 +33,7 @@ def _column_values(dataset: Any, column: str) -> list[Any]:
                 f"(columns: {dataset.column_names}). Add one (e.g. dataset.add_column({column!r}, names)) or set "
                 f"BROSConfig(domain_column=...)."
             )
-        return list(dataset[column])
+        return list(dataset.with_format(None)[column])
     values = []
     for i in range(len(dataset)):
         item = dataset[i]
@@ -41,7 +41,10 @@ def _column_values(dataset: Any, column: str) -> list[Any]:
             raise ValueError(
                 f"upper_level='domain' needs a domain column, but training example {i} has no key {column!r}."
             )
-        values.append(item[column])
+        value = item[column]
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+            value = int(value)
+        values.append(value)
     return values
 
 
@@ -55,7 +58,9 @@ def check_domain_values(values: Sequence[Any], column: str) -> None:
             )
 
 
-def attach_keys(dataset: Any, upper_level: str, domain_column: str) -> tuple[Any, list[str] | None]:
+def attach_keys(
+    dataset: Any, upper_level: str, domain_column: str, domains: Sequence[str] | None = None
+) -> tuple[Any, list[str] | None]:
     """Return (dataset with a ``bros_key`` column, domain names or None).
 
     Domain mode: key = index of the example's domain in the sorted domain list.
@@ -74,7 +79,17 @@ def attach_keys(dataset: Any, upper_level: str, domain_column: str) -> tuple[Any
     if upper_level == "domain":
         values = _column_values(dataset, domain_column)
         check_domain_values(values, domain_column)
-        names = domain_names(values, domain_column)
+        found = domain_names(values, domain_column)
+        names = list(domains) if domains else found
+        empty = sorted(set(names) - set(found))
+        if empty:
+            raise ValueError(
+                f"Domains {empty} have no training examples in column {domain_column!r}; drop them from "
+                "BROSConfig(domains=...) or add data for them."
+            )
+        unlisted = sorted(set(found) - set(names))
+        if unlisted:
+            raise ValueError(f"Training examples have domains {unlisted} not listed in BROSConfig(domains={names}).")
         lookup = {name: i for i, name in enumerate(names)}
         keys = [lookup[str(v)] for v in values]
     else:
@@ -116,13 +131,6 @@ class KeyedCollator:
         if all(k is not None for k in keys):
             batch[KEY_COLUMN] = torch.tensor([int(k) for k in keys], dtype=torch.long)
         return batch
-
-
-def domain_counts(keys: Sequence[int], num_domains: int) -> list[int]:
-    counts = [0] * num_domains
-    for k in keys:
-        counts[k] += 1
-    return counts
 
 
 class BalancedDomainSampler(Sampler[int]):

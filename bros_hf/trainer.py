@@ -39,7 +39,6 @@ from bros_hf.data import (
     KeyedCollator,
     UpperStream,
     attach_keys,
-    domain_counts,
 )
 from bros_hf.estimators import global_norm
 from bros_hf.losses import per_example_losses
@@ -78,7 +77,7 @@ class BROSTrainer(Trainer):
             raise ValueError("BROSTrainer needs a train_dataset.")
         if upper_dataset is None:
             raise ValueError("BROSTrainer needs an upper_dataset (the target set the upper level is learned on).")
-        keyed_train, names = attach_keys(train_dataset, args.upper_level, args.domain_column)
+        keyed_train, names = attach_keys(train_dataset, args.upper_level, args.domain_column, args.domains)
         self.domains = names
         super().__init__(
             model=model,
@@ -120,20 +119,16 @@ class BROSTrainer(Trainer):
     @staticmethod
     def _read_keys(dataset: Any) -> list[int]:
         if hasattr(dataset, "column_names"):
-            return list(dataset[KEY_COLUMN])
+            return list(dataset.with_format(None)[KEY_COLUMN])
         return list(dataset.keys)
 
     def _build_upper_variable(self, upper_dataset: Any) -> UpperVariable:
         args = self.args
         if args.upper_level == "sample":
             return SampleWeights(len(self._train_keys)).to(args.device)
-        counts = domain_counts(self._train_keys, len(self.domains))
-        empty = [d for d, c in zip(self.domains, counts, strict=True) if c == 0]
-        if empty:
-            raise ValueError(f"Domains {empty} have no training examples; drop them or add data.")
         column = args.domain_column
         if hasattr(upper_dataset, "column_names") and column in upper_dataset.column_names:
-            unseen = sorted({str(v) for v in upper_dataset[column]} - set(self.domains))
+            unseen = sorted({str(v) for v in upper_dataset.with_format(None)[column]} - set(self.domains))
             if unseen:
                 raise ValueError(
                     f"The upper (target) set has domains {unseen} that the training set never contains "

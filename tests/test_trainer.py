@@ -1,0 +1,173 @@
+"""BROSTrainer through the real transformers Trainer on the 3-domain toy (CPU, seconds each)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from bros_hf import BROSConfig, BROSTrainer
+from tests.toy import TinyClassifier, three_domain_toy
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return three_domain_toy()
+
+
+def make_args(tmp_path, **overrides) -> BROSConfig:
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        subspace_rank=8,
+        max_steps=120,
+        per_device_train_batch_size=24,
+        learning_rate=3e-3,
+        logging_steps=20,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    settings.update(overrides)
+    return BROSConfig(**settings)
+
+
+def train(args, train_ds, target_ds, model=None, **kwargs) -> BROSTrainer:
+    torch.manual_seed(args.seed)
+    trainer = BROSTrainer(
+        model=model or TinyClassifier(), args=args, train_dataset=train_ds, upper_dataset=target_ds, **kwargs
+    )
+    trainer.train()
+    return trainer
+
+
+class LogCapture(TrainerCallback):
+    def __init__(self):
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+@pytest.mark.parametrize("method", ["bros", "masoba"])
+def test_three_domain_toy_puts_weight_on_target_domain(tmp_path, toy, method):
+    """Target = domain A; B has random labels, C permuted labels: A must get ≥ 0.6 of the mixture."""
+    capture = LogCapture()
+    trainer = train(make_args(tmp_path, bilevel_method=method), *toy, callbacks=[capture])
+    weights = trainer.mixture_weights()
+    assert set(weights) == {"A", "B", "C"}
+    assert math.isclose(sum(weights.values()), 1.0, abs_tol=1e-5)
+    assert weights["A"] >= 0.6, weights
+    assert max(weights, key=weights.get) == "A"
+
+    exported = json.loads((tmp_path / "out" / "mixture_weights.json").read_text())
+    assert exported["domains"] == ["A", "B", "C"]
+    assert exported["step"] == 120
+    for key in ("final", "average"):
+        assert math.isclose(sum(exported[key].values()), 1.0, abs_tol=1e-5)
+    assert exported["final"] == pytest.approx(weights)
+    assert exported["average"]["A"] > 1 / 3
+    assert (tmp_path / "out" / "mixture_weights.png").stat().st_size > 0
+
+    logged = [entry for entry in capture.logs if "mixture/A" in entry]
+    assert logged, "bilevel metrics must reach the Trainer's log/report_to pipeline"
+    for key in ("bilevel/upper_loss", "bilevel/hypergrad_norm", "bilevel/z_norm", "bilevel/lower_loss", "loss"):
+        assert math.isfinite(logged[-1][key]), key
+    assert logged[-1]["bilevel/upper_loss"] < logged[0]["bilevel/upper_loss"]
+
+
+def test_bf16_autocast_on_cpu(tmp_path, toy):
+    trainer = train(make_args(tmp_path, bf16=True, max_steps=60), *toy)
+    weights = trainer.mixture_weights()
+    assert all(math.isfinite(w) for w in weights.values())
+    assert max(weights, key=weights.get) == "A"
+    assert all(bool(torch.isfinite(z).all()) for z in trainer.engine.z.values())
+
+
+@pytest.mark.parametrize("mode", ["autograd", "finite_difference"])
+def test_gradient_accumulation_matches_larger_batch(tmp_path, toy, mode):
+    """2 micro-batches of 12 (+ 2 upper micro-batches of 12) == one batch of 24 (+ upper batch of 24).
+
+    10 steps keep the 256-example upper stream inside its first pass, where both read the same order."""
+    common = dict(max_steps=10, hessian_mode=mode, optim="sgd", learning_rate=0.05)
+    big = train(make_args(tmp_path / "big", per_device_train_batch_size=24, upper_batch_size=24, **common), *toy)
+    accumulated = train(
+        make_args(
+            tmp_path / "acc",
+            per_device_train_batch_size=12,
+            upper_batch_size=12,
+            gradient_accumulation_steps=2,
+            **common,
+        ),
+        *toy,
+    )
+    assert accumulated.state.global_step == big.state.global_step == 10
+    torch.testing.assert_close(accumulated.upper.logits, big.upper.logits, rtol=1e-4, atol=1e-6)
+    for name, z in big.engine.z.items():
+        torch.testing.assert_close(accumulated.engine.z[name], z, rtol=1e-4, atol=1e-6)
+    for (name, p_big), (_, p_acc) in zip(big.model.named_parameters(), accumulated.model.named_parameters(), strict=True):
+        torch.testing.assert_close(p_acc, p_big, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, toy, optim):
+    common = dict(max_steps=30, save_strategy="steps", save_steps=10, optim=optim, sketch_resample_interval=4)
+    full = train(make_args(tmp_path / "full", **common), *toy)
+
+    partial_args = make_args(tmp_path / "part", **common)
+    checkpoint = tmp_path / "part" / "out" / "checkpoint-10"
+    first = train(partial_args, *toy)
+    assert (checkpoint / "bros_state_rank0.pt").exists()
+    assert (checkpoint / "mixture_weights.json").exists()
+    del first
+    torch.manual_seed(123)  # a different global RNG state must not matter
+    resumed = BROSTrainer(
+        model=TinyClassifier(), args=make_args(tmp_path / "part", **common), train_dataset=toy[0], upper_dataset=toy[1]
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    final_full, final_resumed = full.mixture_weights(), resumed.mixture_weights()
+    for name in final_full:
+        assert abs(final_full[name] - final_resumed[name]) < 1e-6, (final_full, final_resumed)
+    torch.testing.assert_close(resumed.upper.momentum, full.upper.momentum, rtol=0, atol=1e-6)
+    for name, z in full.engine.z.items():
+        torch.testing.assert_close(resumed.engine.z[name], z, rtol=0, atol=1e-6)
+    for (name, p_full), (_, p_res) in zip(full.model.named_parameters(), resumed.model.named_parameters(), strict=True):
+        torch.testing.assert_close(p_res, p_full, rtol=0, atol=1e-6, msg=name)
+    torch.testing.assert_close(
+        torch.tensor(resumed.mixture_history), torch.tensor(full.mixture_history), rtol=0, atol=1e-6
+    )
+
+
+def test_non_finite_loss_skips_updates_and_keeps_state_finite(tmp_path, toy):
+    train_ds, target_ds = toy
+    poisoned = train_ds.with_format(None).map(  # every batch of 24 holds poisoned examples
+        lambda example, i: {"features": [float("nan")] * 16} if i % 7 == 0 else {}, with_indices=True
+    ).with_format("torch")
+    model = TinyClassifier()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="Non-finite"):
+        trainer = train(make_args(tmp_path, max_steps=5, logging_steps=1), poisoned, target_ds, model=model)
+    assert torch.isfinite(trainer.upper.logits).all() and torch.isfinite(trainer.upper.momentum).all()
+    assert trainer.upper.num_updates == 0 and bool((trainer.upper.logits == 0).all())
+    assert all(bool(torch.isfinite(z).all()) for z in trainer.engine.z.values())
+    for initial, current in zip(before, trainer.model.parameters(), strict=True):
+        assert torch.equal(initial, current), "a skipped step must not move θ"
+
+
+def test_sample_mode_weights_align_with_dataset(tmp_path, toy):
+    trainer = train(make_args(tmp_path, upper_level="sample", max_steps=40, upper_learning_rate=50.0), *toy)
+    weights = trainer.sample_weights()
+    assert weights.shape == (len(toy[0]),)
+    assert bool(((weights > 0) & (weights < 1)).all())
+    domains = toy[0]["domain"]
+    mean = {d: float(weights[[i for i, x in enumerate(domains) if x == d]].mean()) for d in "ABC"}
+    assert mean["A"] > mean["B"] and mean["A"] > mean["C"], mean
+    exported = json.loads((tmp_path / "out" / "sample_weights.json").read_text())
+    assert len(exported["weights"]) == len(toy[0])
+    assert os.path.exists(tmp_path / "out" / "sample_weights.png")
