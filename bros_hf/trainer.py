@@ -156,6 +156,13 @@ class BROSTrainer(Trainer):
         return KeyedCollator(collator, drop=self._dropped_columns())
 
     def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None and hasattr(self.model, "_orig_mod"):
+            # A torch.compile'd model exposes forward(*args, **kwargs); read the original signature.
+            compiled, self.model = self.model, self.model._orig_mod
+            try:
+                super()._set_signature_columns_if_needed()
+            finally:
+                self.model = compiled
         super()._set_signature_columns_if_needed()
         if KEY_COLUMN not in self._signature_columns:
             self._signature_columns.append(KEY_COLUMN)

@@ -1,0 +1,104 @@
+"""Causal LMs from configs through BROSTrainer: SDPA attention, GPT-2 Conv1D, PEFT LoRA, torch.compile."""
+
+from __future__ import annotations
+
+import math
+
+import datasets
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from bros_hf import BROSTrainer
+from tests.test_trainer import make_args
+
+VOCAB, LENGTH = 64, 24
+
+
+def token_domains() -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Domain 'count': arithmetic sequences (learnable); 'noise': uniform random tokens. Target: 'count'."""
+    generator = torch.Generator().manual_seed(0)
+
+    def counting(n: int) -> list[list[int]]:
+        start = torch.randint(0, VOCAB, (n, 1), generator=generator)
+        step = torch.randint(1, 4, (n, 1), generator=generator)
+        return ((start + step * torch.arange(LENGTH)) % VOCAB).tolist()
+
+    noise = torch.randint(0, VOCAB, (48, LENGTH), generator=generator).tolist()
+    train_ids = counting(48) + noise
+    train = datasets.Dataset.from_dict(
+        {"input_ids": train_ids, "labels": train_ids, "domain": ["count"] * 48 + ["noise"] * 48}
+    )
+    target_ids = counting(24)
+    target = datasets.Dataset.from_dict({"input_ids": target_ids, "labels": target_ids})
+    return train.with_format("torch"), target.with_format("torch")
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)
+
+
+def lm_args(tmp_path, **overrides):
+    settings = dict(max_steps=20, per_device_train_batch_size=8, learning_rate=3e-3, upper_learning_rate=3.0)
+    settings.update(overrides)
+    return make_args(tmp_path, **settings)
+
+
+@pytest.mark.parametrize("mode", ["autograd", "finite_difference"])
+def test_llama_with_sdpa_attention(tmp_path, mode):
+    model = tiny_llama()
+    assert model.config._attn_implementation == "sdpa"
+    trainer = BROSTrainer(model=model, args=lm_args(tmp_path, hessian_mode=mode), train_dataset=token_domains()[0],
+                          upper_dataset=token_domains()[1])
+    trainer.train()
+    weights = trainer.mixture_weights()
+    assert weights["count"] > weights["noise"], weights
+    assert all(math.isfinite(float(z.norm())) for z in trainer.engine.z.values())
+
+
+def test_gpt2_conv1d_and_tied_embeddings(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    before = model.transformer.wte.weight.detach().clone()
+    trainer = BROSTrainer(model=model, args=lm_args(tmp_path), train_dataset=token_domains()[0],
+                          upper_dataset=token_domains()[1])
+    trainer.train()
+    assert model.lm_head.weight is model.transformer.wte.weight, "tied weights must stay tied"
+    assert not torch.equal(before, model.transformer.wte.weight)
+    weights = trainer.mixture_weights()
+    assert weights["count"] > weights["noise"], weights
+
+
+def test_peft_lora_adapters_are_the_lower_level(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = BROSTrainer(model=model, args=lm_args(tmp_path, learning_rate=1e-2),
+                          train_dataset=token_domains()[0], upper_dataset=token_domains()[1])
+    trainer.train()
+    assert set(trainer.engine.params) == set(adapters)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(value, params[name]) for name, value in frozen.items())
+    assert any(not torch.equal(value, params[name]) for name, value in adapters.items())
+    assert trainer.mixture_weights()["count"] > 0.5
+
+
+def test_torch_compiled_model_is_unwrapped_for_bilevel_passes(tmp_path):
+    model = torch.compile(tiny_llama(), backend="aot_eager")  # aot_autograd has no double backward
+    trainer = BROSTrainer(model=model, args=lm_args(tmp_path, max_steps=4), train_dataset=token_domains()[0],
+                          upper_dataset=token_domains()[1])
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert all(math.isfinite(w) for w in trainer.mixture_weights().values())
