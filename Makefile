@@ -15,7 +15,7 @@ test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
 
 demo: install
-	HF_HUB_OFFLINE=1 $(PY) recipes/hyper_cleaning.py --output_dir outputs/hyper_cleaning
+	HF_HUB_OFFLINE=1 $(PY) recipes/lm_data_mixture.py --output_dir outputs/lm_data_mixture
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -22,9 +22,11 @@ backward through λ).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -66,6 +68,37 @@ class _CommonRandomNumbers:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
+class SubspaceVector(NamedTuple):
+    """A vector B w given by a basis (a :class:`Sketch`, identity for full space) and coordinates w."""
+
+    basis: Sketch
+    coords: Mapping[str, Tensor]
+
+    def norm(self) -> float:
+        """‖B w‖₂ over all tensors, without forming B w (r×r Gram matrices)."""
+        return math.sqrt(sum(self.basis.expanded_norm_sq(n, w) for n, w in self.coords.items()))
+
+
+Shift = tuple[Tensor | float, Sketch, Mapping[str, Tensor]]
+
+
+class MaterializedPerturber:
+    """Evaluate at θ + Σ_k c_k B_k w_k by forming the perturbed tensors (pure, any loss_fn)."""
+
+    @contextmanager
+    def __call__(self, params: Mapping[str, Tensor], shifts: list[Shift]) -> Iterator[dict[str, Tensor]]:
+        out = {}
+        for name, p in params.items():
+            value = p.detach()
+            for scale, basis, coords in shifts:
+                value = value + scale * basis.expand_one(name, coords[name], p.shape)
+            out[name] = value
+        yield out
+
+
+Perturber = Callable[[Mapping[str, Tensor], list[Shift]], AbstractContextManager[dict[str, Tensor]]]
+
+
 def _zeros_for_unused(grads: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(ref) if g is None else g for g, ref in zip(grads, like, strict=True)]
 
@@ -76,11 +109,12 @@ def lower_pass(
     params: Mapping[str, Tensor],
     sketch_p: Sketch | None,
     *,
-    direction: Mapping[str, Tensor] | None = None,
-    cross_vector: Mapping[str, Tensor] | None = None,
+    direction: SubspaceVector | None = None,
+    cross_vector: SubspaceVector | None = None,
     mode: HessianMode = "autograd",
     fd_eps: float = 1e-3,
     fd_eps_cross: float = 5e-3,
+    perturber: Perturber | None = None,
 ) -> LowerPassResult:
     """One lower-batch evaluation: Pᵀ∇g, Pᵀ H d and ∂_λ⟨∇_θ g, v⟩ at (λ, θ).
 
@@ -89,55 +123,45 @@ def lower_pass(
         lam: upper variables λ (detached inside; a fresh leaf is made when the cross term is needed).
         params: θ, name -> tensor (treated as constants; never modified).
         sketch_p: P; ``None`` skips the gradient and Hessian action (cross term only).
-        direction: d = Q w as full tensors (``None``: no Hessian action).
-        cross_vector: v for the cross term, typically S_P z (``None``: no cross term).
+        direction: d = Q w given as (Q, w) (``None``: no Hessian action).
+        cross_vector: v for the cross term as (basis, coordinates), typically S_P z = (P, Pᵀz).
         mode: ``"autograd"`` (double backward in the coordinates) or ``"finite_difference"``.
         fd_eps: relative finite-difference step of the Hessian action: θ ± δ d with
             δ‖d‖ = ``fd_eps`` · max(‖θ‖, 1).
         fd_eps_cross: the same for the cross term, which differences loss values rather than
             gradients and so needs a larger step to stay clear of float32 rounding (measured on a
             2-layer GPT-2: relative error 0.02 at 5e-3, 1.0 at 5e-5).
+        perturber: how θ + Σ c_k B_k w_k reaches ``lower_loss_fn`` (default: materialised tensors;
+            :class:`bros_hf.lowrank.LowRankPerturber` adds low-rank terms inside the layers instead).
     """
+    perturber = perturber or MaterializedPerturber()
     if mode == "autograd":
-        return _lower_pass_autograd(lower_loss_fn, lam, params, sketch_p, direction, cross_vector)
+        return _lower_pass_autograd(lower_loss_fn, lam, params, sketch_p, direction, cross_vector, perturber)
     if mode == "finite_difference":
         return _lower_pass_finite_difference(
-            lower_loss_fn, lam, params, sketch_p, direction, cross_vector, fd_eps, fd_eps_cross
+            lower_loss_fn, lam, params, sketch_p, direction, cross_vector, fd_eps, fd_eps_cross, perturber
         )
     raise ValueError(f"Unknown Hessian-action mode {mode!r}: use 'autograd' or 'finite_difference'.")
 
 
-def _perturbed(
-    params: Mapping[str, Tensor],
-    sketch_p: Sketch | None,
-    coords: Mapping[str, Tensor] | None,
-    shifts: list[tuple[Tensor | float, Mapping[str, Tensor]]],
-) -> dict[str, Tensor]:
-    """θ + P a + Σ_k c_k x_k, built lazily per tensor."""
-    out = {}
-    for name, p in params.items():
-        value = p.detach()
-        if sketch_p is not None and coords is not None:
-            value = value + sketch_p.expand_one(name, coords[name], p.shape)
-        for scale, vector in shifts:
-            value = value + scale * vector[name]
-        out[name] = value
-    return out
-
-
-def _lower_pass_autograd(lower_loss_fn, lam, params, sketch_p, direction, cross_vector) -> LowerPassResult:
+def _lower_pass_autograd(
+    lower_loss_fn, lam, params, sketch_p, direction, cross_vector, perturber
+) -> LowerPassResult:
     coords = sketch_p.zeros_like(params, requires_grad=True) if sketch_p is not None else None
     coord_list = list(coords.values()) if coords is not None else []
     t = torch.zeros((), requires_grad=True) if direction is not None else None
     s = torch.zeros((), requires_grad=True) if cross_vector is not None else None
     lam_leaf = lam.detach().clone().requires_grad_(cross_vector is not None)
-    shifts = []
+    shifts: list[Shift] = []
+    if coords is not None:
+        shifts.append((1.0, sketch_p, coords))
     if t is not None:
-        shifts.append((t, direction))
+        shifts.append((t, *direction))
     if s is not None:
-        shifts.append((s, cross_vector))
+        shifts.append((s, *cross_vector))
 
-    loss = lower_loss_fn(lam_leaf, _perturbed(params, sketch_p, coords, shifts))
+    with perturber(params, shifts) as perturbed:
+        loss = lower_loss_fn(lam_leaf, perturbed)
     scalars = [x for x in (t, s) if x is not None]
     second_order = bool(scalars)
     first = torch.autograd.grad(loss, coord_list + scalars, create_graph=second_order, allow_unused=True)
@@ -172,25 +196,25 @@ def _lower_pass_autograd(lower_loss_fn, lam, params, sketch_p, direction, cross_
 
 
 def _coordinate_gradient(
-    lower_loss_fn, lam, params, sketch_p, shifts, rng: _CommonRandomNumbers | None = None
+    lower_loss_fn, lam, params, sketch_p, shifts, perturber, rng: _CommonRandomNumbers | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """g and Pᵀ∇_θ g at θ + Σ shifts (one plain backward)."""
     if rng is not None:
         rng.replay()
     coords = sketch_p.zeros_like(params, requires_grad=True)
     coord_list = list(coords.values())
-    loss = lower_loss_fn(lam.detach(), _perturbed(params, sketch_p, coords, shifts))
+    with perturber(params, [(1.0, sketch_p, coords), *shifts]) as perturbed:
+        loss = lower_loss_fn(lam.detach(), perturbed)
     grads = _zeros_for_unused(torch.autograd.grad(loss, coord_list, allow_unused=True), coord_list)
     return loss.detach(), dict(zip(coords, grads, strict=True))
 
 
-def _lambda_gradient(lower_loss_fn, lam, params, shifts, rng: _CommonRandomNumbers) -> Tensor:
+def _lambda_gradient(lower_loss_fn, lam, params, shifts, perturber, rng: _CommonRandomNumbers) -> Tensor:
     """∇_λ g at θ + Σ shifts; θ is constant, so the backward only runs through λ."""
     rng.replay()
     lam_leaf = lam.detach().clone().requires_grad_(True)
-    with torch.no_grad():
-        perturbed = _perturbed(params, None, None, shifts)
-    loss = lower_loss_fn(lam_leaf, perturbed)
+    with perturber(params, shifts) as perturbed:
+        loss = lower_loss_fn(lam_leaf, perturbed)
     if not loss.requires_grad:
         return torch.zeros_like(lam_leaf)
     (grad,) = _zeros_for_unused(torch.autograd.grad(loss, [lam_leaf], allow_unused=True), [lam_leaf])
@@ -198,39 +222,43 @@ def _lambda_gradient(lower_loss_fn, lam, params, shifts, rng: _CommonRandomNumbe
 
 
 def _lower_pass_finite_difference(
-    lower_loss_fn, lam, params, sketch_p, direction, cross_vector, fd_eps, fd_eps_cross
+    lower_loss_fn, lam, params, sketch_p, direction, cross_vector, fd_eps, fd_eps_cross, perturber
 ) -> LowerPassResult:
     rng = _CommonRandomNumbers()
     scale = max(float(global_norm(params)), 1.0)
     loss, grads = None, None
     if sketch_p is not None:
-        loss, grads = _coordinate_gradient(lower_loss_fn, lam, params, sketch_p, [], rng)
+        loss, grads = _coordinate_gradient(lower_loss_fn, lam, params, sketch_p, [], perturber, rng)
 
     hessian_action = None
     if direction is not None and sketch_p is not None:
-        norm = float(global_norm(direction))
+        norm = direction.norm()
         if norm == 0.0:
             hessian_action = {n: torch.zeros_like(g) for n, g in grads.items()}
         else:
             delta = fd_eps * scale / norm
-            _, plus = _coordinate_gradient(lower_loss_fn, lam, params, sketch_p, [(delta, direction)], rng)
-            _, minus = _coordinate_gradient(lower_loss_fn, lam, params, sketch_p, [(-delta, direction)], rng)
+            _, plus = _coordinate_gradient(
+                lower_loss_fn, lam, params, sketch_p, [(delta, *direction)], perturber, rng
+            )
+            _, minus = _coordinate_gradient(
+                lower_loss_fn, lam, params, sketch_p, [(-delta, *direction)], perturber, rng
+            )
             hessian_action = {n: (plus[n] - minus[n]) / (2 * delta) for n in plus}
 
     cross = None
     if cross_vector is not None:
-        norm = float(global_norm(cross_vector))
+        norm = cross_vector.norm()
         if norm == 0.0:
             cross = torch.zeros_like(lam, dtype=torch.float32)
         else:
             delta = fd_eps_cross * scale / norm
-            plus = _lambda_gradient(lower_loss_fn, lam, params, [(delta, cross_vector)], rng)
-            minus = _lambda_gradient(lower_loss_fn, lam, params, [(-delta, cross_vector)], rng)
+            plus = _lambda_gradient(lower_loss_fn, lam, params, [(delta, *cross_vector)], perturber, rng)
+            minus = _lambda_gradient(lower_loss_fn, lam, params, [(-delta, *cross_vector)], perturber, rng)
             cross = (plus - minus) / (2 * delta)
     if loss is None:
         rng.replay()
-        with torch.no_grad():
-            loss = lower_loss_fn(lam.detach(), {n: p.detach() for n, p in params.items()})
+        with torch.no_grad(), perturber(params, []) as perturbed:
+            loss = lower_loss_fn(lam.detach(), perturbed)
     return LowerPassResult(loss=loss.detach(), grad=grads, hessian_action=hessian_action, cross=cross)
 
 
@@ -268,7 +296,7 @@ def hessian_action(
     else:
         sketch_p = Sketch.sample(params, rank, generator, sketch)
         sketch_q = sketch_p if probes == 1 else Sketch.sample(params, rank, generator, sketch)
-    direction = sketch_q.project(dict(vectors))
+    direction = SubspaceVector(sketch_q, sketch_q.reduce(dict(vectors)))
     dummy_lambda = torch.zeros(())
     result = lower_pass(
         lambda _lam, p: loss_fn(p),
@@ -296,14 +324,21 @@ def cross_term(
     ``finite_difference``: [∇_λ g(λ, θ + δv) − ∇_λ g(λ, θ − δv)] / 2δ, δ‖v‖ = fd_eps_cross · max(‖θ‖, 1);
     θ is constant there, so only forward passes and a backward through λ are needed."""
     result = lower_pass(
-        lower_loss_fn, lam, dict(params), None, cross_vector=dict(vector), mode=mode, fd_eps_cross=fd_eps_cross
+        lower_loss_fn,
+        lam,
+        dict(params),
+        None,
+        cross_vector=SubspaceVector(Sketch.identity(vector), dict(vector)),
+        mode=mode,
+        fd_eps_cross=fd_eps_cross,
     )
     return result.cross
 
 
 def coordinate_gradient(
-    loss_fn: LossFn, params: Mapping[str, Tensor], sketch_p: Sketch
+    loss_fn: LossFn, params: Mapping[str, Tensor], sketch_p: Sketch, perturber: Perturber | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """(f(θ), Pᵀ∇_θ f(θ)) with one plain backward; full-size gradients of sketched weights are
-    formed only transiently by autograd."""
-    return _coordinate_gradient(lambda _lam, p: loss_fn(p), torch.zeros(()), dict(params), sketch_p, [])
+    """(f(θ), Pᵀ∇_θ f(θ)) with one plain backward through the coordinates a of θ + P a."""
+    return _coordinate_gradient(
+        lambda _lam, p: loss_fn(p), torch.zeros(()), dict(params), sketch_p, [], perturber or MaterializedPerturber()
+    )

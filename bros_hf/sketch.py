@@ -117,6 +117,14 @@ class Sketch:
             return coords
         return (coords @ matrix.to(coords.dtype).T).reshape(shape)
 
+    def expanded_norm_sq(self, name: str, coords: Tensor) -> float:
+        """‖P a‖²_F = tr(a (PᵀP) aᵀ) for one tensor, computed with the r×r Gram matrix."""
+        matrix = self.matrices[name]
+        if matrix is None:
+            return float(coords.float().pow(2).sum())
+        coords = coords.float()
+        return float(((coords @ (matrix.T @ matrix)) * coords).sum())
+
     def reduce(self, full: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Pᵀ x for every tensor."""
         return {name: self.reduce_one(name, x) for name, x in full.items()}

@@ -28,6 +28,8 @@ from bros_hf.estimators import (
     LossFn,
     LowerLossFn,
     LowerPassResult,
+    Perturber,
+    SubspaceVector,
     coordinate_gradient,
     global_norm,
     lower_pass,
@@ -94,8 +96,10 @@ class BilevelEngine:
         upper: UpperVariable,
         hparams: BilevelHyperparameters,
         seed: int = 0,
+        perturber: Perturber | None = None,
     ):
         self.params = dict(params)
+        self.perturber = perturber
         self.upper = upper
         self.hparams = hparams
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -128,8 +132,8 @@ class BilevelEngine:
     # -- terms ----------------------------------------------------------------------------------
     def lower_terms(self, lower_loss_fn: LowerLossFn, *, need_upper: bool = True) -> LowerPassResult:
         """Pᵀ∇g, Pᵀ H Q Qᵀ z and ∂_λ⟨∇_θ g, S_P z⟩ on one lower batch, at the current iterates."""
-        direction = self.sketch_q.project(self.z) if need_upper else None
-        cross_vector = self.sketch_p.project(self.z) if need_upper else None
+        direction = SubspaceVector(self.sketch_q, self.sketch_q.reduce(self.z)) if need_upper else None
+        cross_vector = SubspaceVector(self.sketch_p, self.sketch_p.reduce(self.z)) if need_upper else None
         return lower_pass(
             lower_loss_fn,
             self.upper.logits,
@@ -140,11 +144,12 @@ class BilevelEngine:
             mode=self.hparams.hessian_mode,
             fd_eps=self.hparams.fd_eps,
             fd_eps_cross=self.hparams.fd_eps_cross,
+            perturber=self.perturber,
         )
 
     def upper_terms(self, upper_loss_fn: LossFn) -> tuple[Tensor, dict[str, Tensor]]:
         """(f(θ; ζ), Pᵀ∇_θ f(θ; ζ)) on one upper batch."""
-        return coordinate_gradient(upper_loss_fn, self.params, self.sketch_p)
+        return coordinate_gradient(upper_loss_fn, self.params, self.sketch_p, self.perturber)
 
     # -- updates --------------------------------------------------------------------------------
     def aux_step_size(self, name: str) -> float:

@@ -42,6 +42,7 @@ from bros_hf.data import (
 )
 from bros_hf.estimators import global_norm
 from bros_hf.losses import per_example_losses
+from bros_hf.lowrank import LowRankPerturber
 from bros_hf.solver import BilevelEngine
 from bros_hf.upper import DomainMixture, SampleWeights, UpperVariable
 
@@ -192,7 +193,13 @@ class BROSTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         params = self._trainable_parameters()
-        self.engine = BilevelEngine(params, self.upper, self.args.bilevel_hyperparameters(), seed=self.args.seed)
+        self.engine = BilevelEngine(
+            params,
+            self.upper,
+            self.args.bilevel_hyperparameters(),
+            seed=self.args.seed,
+            perturber=LowRankPerturber(self._bilevel_model()),
+        )
         shapes = {n: self.engine.sketch_p.coordinate_shape(n, p) for n, p in params.items()}
         self._coordinates = {
             n: nn.Parameter(torch.zeros(shapes[n], device=p.device, dtype=torch.float32)) for n, p in params.items()

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 SAMPLE_LOGIT_BOUND = 15.0
+DOMAIN_LOGIT_BOUND = 50.0  # beyond this, softmax weights no longer change in float32
 
 
 class UpperVariable:
@@ -122,6 +123,7 @@ class DomainMixture(UpperVariable):
         return weights.numel() * weights[keys.to(weights.device)]
 
     def _constrain(self) -> None:
+        self.logits.clamp_(-DOMAIN_LOGIT_BOUND, DOMAIN_LOGIT_BOUND)
         self.logits.sub_(self.logits.mean())
 
     def as_dict(self, weights: Tensor | None = None) -> dict[str, float]:

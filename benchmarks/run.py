@@ -1,0 +1,334 @@
+"""Benchmarks: BROS vs full-space MA-SOBA vs the plain Trainer, memory, time and quality side by side.
+
+    python -m benchmarks.run --quick                      # CPU, a few minutes (used by the slow test)
+    python -m benchmarks.run                              # CPU, bigger sizes (incl. a ~27M-parameter Llama)
+    python -m benchmarks.run --device cuda                # GPU sizes (160M-1B Llama, GPT-2 124M, ViT-B)
+    python -m benchmarks.run --sizes llama-l --methods plain masoba-fd bros-r16-fd --steps 6
+
+Every configuration (model size × method) runs in its own subprocess (``benchmarks.worker``) with
+``MALLOC_MMAP_THRESHOLD_=65536`` so peak memory starts from a fresh heap; results land in
+``OUTPUT_DIR/runs/NAME.json`` (logs in ``OUTPUT_DIR/logs``), and the aggregate in
+``OUTPUT_DIR/results.json``, ``OUTPUT_DIR/results.md`` and PNG plots (see :mod:`benchmarks.report`).
+
+Methods (same model init, data, batch, lower optimizer AdamW, learning rate and seed):
+``plain`` (``transformers.Trainer``), ``masoba-{ag,fd}`` (BROSTrainer, bilevel_method="masoba"),
+``bros-r{4,16,64}-{ag,fd}`` (BROSTrainer, subspace_rank r); ``ag``/``fd`` = hessian_mode
+autograd / finite_difference. Data: a synthetic 3-domain task (``benchmarks.data``) in domain mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ""):  # `python benchmarks/run.py`
+    sys.path.insert(0, REPO_ROOT)
+MODES = {"ag": "autograd", "fd": "finite_difference"}
+RANKS = (4, 16, 64)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    method: str  # plain | masoba | bros
+    rank: int | None = None
+    hessian_mode: str | None = None
+
+
+def all_methods(ranks=RANKS, modes=("ag", "fd")) -> list[Method]:
+    methods = [Method("plain", "plain")]
+    methods += [Method(f"masoba-{m}", "masoba", None, MODES[m]) for m in modes]
+    methods += [Method(f"bros-r{r}-{m}", "bros", r, MODES[m]) for r in ranks for m in modes]
+    return methods
+
+
+METHODS = {m.name: m for m in all_methods()}
+
+# Profiles: per size, the methods run there ("all" or a list of names) and the number of optimizer steps.
+# Small sizes run long enough for the quality columns (target loss, learned mixture) to mean something;
+# large sizes run a few steps for memory and time. Quality is compared between methods of the same size.
+QUICK_LARGEST = ["plain", "masoba-ag", "masoba-fd", "bros-r4-fd", "bros-r16-ag", "bros-r16-fd", "bros-r64-fd"]
+QUICK_SMALL = ["plain", "masoba-fd", "bros-r16-fd"]
+PROFILES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "device": "cpu",
+        "grid": {
+            "llama-xs": ("all", 40),
+            "llama-s": (QUICK_SMALL, 6),
+            "llama-m": (QUICK_LARGEST, 6),
+            "vit-tiny": (QUICK_SMALL, 10),
+        },
+        "batch_size": 6,
+        "eval_every": 4,
+        "n_per_domain": 128,
+        "n_target": 96,
+        "n_eval": 24,
+        "timing_warmup": 2,
+        "lr": 3e-3,
+        "upper_lr": 30.0,
+        "threads": 1,
+    },
+    "cpu": {
+        "device": "cpu",
+        "grid": {
+            "llama-xs": ("all", 60),
+            "llama-s": ("all", 20),
+            "llama-m": ("all", 10),
+            "llama-l": ("all", 6),
+            "gpt2-m": ("all", 10),
+            "vit-tiny": ("all", 20),
+            "vit-s": ("all", 8),
+        },
+        "batch_size": 6,
+        "eval_every": 4,
+        "n_per_domain": 256,
+        "n_target": 192,
+        "n_eval": 48,
+        "timing_warmup": 2,
+        "lr": 3e-3,
+        "upper_lr": 30.0,
+        "threads": 1,
+    },
+    "cuda": {
+        "device": "cuda",
+        "grid": {
+            "llama-160m": ("all", 60),
+            "llama-410m": ("all", 30),
+            "llama-1b": ("all", 20),
+            "gpt2-124m": ("all", 60),
+            "vit-base": ("all", 60),
+        },
+        "batch_size": 12,
+        "eval_every": 5,
+        "n_per_domain": 512,
+        "n_target": 384,
+        "n_eval": 96,
+        "timing_warmup": 5,
+        "lr": 1e-3,
+        "upper_lr": 30.0,
+        "threads": None,
+    },
+}
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def make_spec(
+    size: str, method: Method, settings: dict[str, Any], output_dir: str, steps: int
+) -> dict[str, Any]:
+    name = f"{size}__{method.name}"
+    return {
+        "name": name,
+        "size": size,
+        "method": method.method,
+        "method_name": method.name,
+        "rank": method.rank,
+        "hessian_mode": method.hessian_mode,
+        "device": settings["device"],
+        "steps": steps,
+        "batch_size": settings["batch_size"],
+        "lr": settings["lr"],
+        "seed": settings["seed"],
+        "eval_every": settings["eval_every"],
+        "timing_warmup": settings["timing_warmup"],
+        "n_per_domain": settings["n_per_domain"],
+        "n_target": settings["n_target"],
+        "n_eval": settings["n_eval"],
+        "aux_lr": settings.get("aux_lr"),
+        "upper_lr": settings.get("upper_lr"),
+        "ma_weight": settings.get("ma_weight"),
+        "resample_interval": settings.get("resample_interval", 1),
+        "threads": settings.get("threads"),
+        "run_dir": os.path.join(output_dir, "trainer_output", name),
+    }
+
+
+def run_child(spec: dict[str, Any], output_dir: str, timeout: float | None = None) -> dict[str, Any]:
+    """Run one configuration in a fresh ``python -m benchmarks.worker`` process; return its result dict.
+
+    A crash, a timeout or an out-of-memory kill yields ``{"status": "error", ...}`` with the log tail."""
+    name = spec["name"]
+    for sub in ("specs", "runs", "logs"):
+        os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
+    spec_path = os.path.join(output_dir, "specs", f"{name}.json")
+    out_path = os.path.join(output_dir, "runs", f"{name}.json")
+    log_path = os.path.join(output_dir, "logs", f"{name}.log")
+    with open(spec_path, "w") as handle:
+        json.dump(spec, handle, indent=1)
+    if os.path.exists(out_path):
+        os.remove(out_path)
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "benchmarks.worker", spec_path, out_path],
+                cwd=REPO_ROOT,
+                env=child_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )
+            returncode = proc.returncode
+        except subprocess.TimeoutExpired:
+            returncode = "timeout"
+    elapsed = time.perf_counter() - started
+    if os.path.exists(out_path):
+        with open(out_path) as handle:
+            result = json.load(handle)
+    else:
+        with open(log_path) as handle:
+            tail = handle.read()[-2000:]
+        result = {
+            "status": "error",
+            "name": name,
+            "spec": spec,
+            "error": f"worker exited with {returncode}",
+            "log_tail": tail,
+        }
+    result["process_wall_s"] = elapsed
+    result["returncode"] = returncode
+    result["log"] = os.path.relpath(log_path, output_dir)
+    return result
+
+
+def build_plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    profile_name = "quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")
+    settings = dict(PROFILES[profile_name])
+    settings["profile"] = profile_name
+    settings["device"] = "cpu" if args.quick else args.device
+    for key in (
+        "batch_size",
+        "lr",
+        "eval_every",
+        "n_per_domain",
+        "n_target",
+        "n_eval",
+        "timing_warmup",
+        "aux_lr",
+        "upper_lr",
+        "ma_weight",
+        "threads",
+    ):
+        value = getattr(args, key)
+        if value is not None:
+            settings[key] = value
+    settings.update(seed=args.seed, resample_interval=args.resample_interval)
+    if settings["batch_size"] % 3:
+        raise SystemExit("--batch_size must be a multiple of 3 (balanced batches over the 3 domains).")
+    grid: dict[str, Any] = dict(settings["grid"])
+    if args.sizes:
+        grid = {s: grid.get(s, ("all", 10)) for s in args.sizes}
+    from benchmarks.models import SIZES
+
+    unknown = [s for s in grid if s not in SIZES]
+    if unknown:
+        raise SystemExit(f"Unknown sizes {unknown}; choose from {sorted(SIZES)}.")
+    specs = []
+    resolved = {}
+    for size, (names, steps) in grid.items():
+        chosen = list(METHODS) if names == "all" else list(names)
+        if args.methods:
+            chosen = list(args.methods)
+        steps = args.steps or steps
+        resolved[size] = {"methods": chosen, "steps": steps}
+        for name in chosen:
+            if name not in METHODS:
+                raise SystemExit(f"Unknown method {name!r}; choose from {list(METHODS)}.")
+            specs.append(make_spec(size, METHODS[name], settings, args.output_dir, steps))
+    settings["grid"] = resolved
+    return settings, specs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="Small CPU grid that finishes in a few minutes.")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (full mode; --quick always uses cpu).")
+    parser.add_argument("--output_dir", default=os.path.join("outputs", "benchmarks"))
+    parser.add_argument(
+        "--sizes", nargs="+", help="Model sizes (benchmarks.models.SIZES); default: the profile's."
+    )
+    parser.add_argument(
+        "--methods", nargs="+", help=f"Methods at every size; default: the profile's. Known: {list(METHODS)}"
+    )
+    parser.add_argument(
+        "--steps", type=int, help="Optimizer steps per configuration (default: per size, see PROFILES)."
+    )
+    parser.add_argument("--batch_size", type=int, help="Per-device batch size (multiple of 3).")
+    parser.add_argument("--lr", type=float, help="Lower-level learning rate (AdamW, all methods).")
+    parser.add_argument(
+        "--eval_every", type=int, help="Target-loss curve: evaluate every N steps (0: only at the end)."
+    )
+    parser.add_argument("--n_per_domain", type=int)
+    parser.add_argument("--n_target", type=int)
+    parser.add_argument("--n_eval", type=int)
+    parser.add_argument("--timing_warmup", type=int, help="Steps excluded from the median step time.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--aux_lr", type=float, help="BROSConfig.aux_learning_rate (default: the package default)."
+    )
+    parser.add_argument(
+        "--upper_lr",
+        type=float,
+        help="BROSConfig.upper_learning_rate (profiles: 30, so λ moves within a short run).",
+    )
+    parser.add_argument("--ma_weight", type=float, help="BROSConfig.moving_average_weight.")
+    parser.add_argument(
+        "--resample_interval", type=int, default=1, help="BROSConfig.sketch_resample_interval."
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch.set_num_threads in each worker (CPU profiles: 1, stable under other load).",
+    )
+    parser.add_argument("--timeout", type=float, default=1800.0, help="Seconds per configuration.")
+    parser.add_argument(
+        "--report_only", action="store_true", help="Re-render the report from OUTPUT_DIR/runs."
+    )
+    parser.add_argument("--no_plots", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from benchmarks import report
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    settings, specs = build_plan(args)
+    results = []
+    if args.report_only:
+        results = report.load_runs(args.output_dir, [s["name"] for s in specs])
+    else:
+        started = time.perf_counter()
+        for i, spec in enumerate(specs, 1):
+            result = run_child(spec, args.output_dir, timeout=args.timeout)
+            results.append(result)
+            summary = report.one_line(result)
+            print(f"[{i}/{len(specs)} {time.perf_counter() - started:6.0f}s] {summary}", flush=True)
+    paths = report.write_report(results, settings, args.output_dir, plots=not args.no_plots)
+    print(open(paths["markdown"]).read())
+    failed = [r["name"] for r in results if r.get("status") != "ok"]
+    if failed:
+        print(f"FAILED configurations: {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Low-rank perturbations inside the layers: θ + Σ_k c_k B_k w_k without full-size copies.
+
+For a weight W that a sketch views as [m, n] with basis B ∈ R^{n×r} and coordinates w ∈ R^{m×r},
+the perturbed weight W + c · w Bᵀ changes a layer's output by a rank-r term:
+
+- ``nn.Linear`` (W = [out, in], y = x Wᵀ):            Δy = c · (x B) wᵀ
+- GPT-2 ``Conv1D`` (W = [in, out], y = x W):           Δy = c · (x w) Bᵀ
+- ``nn.Embedding`` (W = [vocab, d], y = W[ids]):       Δy = c · w[ids] Bᵀ
+
+Forward hooks add these terms during a pass, so the weights themselves are used unchanged: no
+W + w Bᵀ tensor is formed, none is saved for backward, and gradients with respect to w are r-dim
+(Δy's backward never builds an [m, n] gradient). Tensors not used that way (biases, norms,
+convolutions, parameters used directly in a forward, full-space tensors) are materialised as in
+:class:`~bros_hf.estimators.MaterializedPerturber`; they are small or unsketched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bros_hf.estimators import Shift
+
+try:  # GPT-2 style layers; transformers is a dependency, but keep this module importable alone
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+HOOKABLE = (nn.Linear, nn.Embedding, Conv1D) if Conv1D else (nn.Linear, nn.Embedding)
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(parameter) -> every (module, attribute) that holds it directly (tied weights: several)."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attribute, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((module, attribute))
+    return owners
+
+
+def _delta(module: nn.Module, inputs: tuple, terms: list[tuple[Tensor | float, Tensor, Tensor]]) -> Tensor:
+    """Σ_k c_k Δy_k for one module (see the module docstring)."""
+    x = inputs[0]
+    total = None
+    for scale, basis, coords in terms:
+        if isinstance(module, nn.Embedding):
+            picked = F.embedding(x, coords, padding_idx=module.padding_idx)
+            term = picked @ basis.to(picked.dtype).T
+        elif isinstance(module, nn.Linear):
+            term = F.linear(F.linear(x, basis.T.to(x.dtype)), coords.to(x.dtype))
+        else:  # Conv1D: y = x W + b with W = [in, out]
+            term = F.linear(F.linear(x, coords.T.to(x.dtype)), basis.to(x.dtype))
+        term = scale * term
+        total = term if total is None else total + term
+    return total
+
+
+class LowRankPerturber:
+    """Perturber for an ``nn.Module``: low-rank terms through forward hooks where the layer allows it.
+
+    ``model`` must be the module the loss function calls (e.g. through ``functional_call``);
+    parameters are matched by name to ``model.named_parameters()``.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        owners = _owners(model)
+        self.modules: dict[str, list[nn.Module]] = {}
+        for name, param in model.named_parameters():
+            holders = owners.get(id(param), [])
+            if holders and all(isinstance(m, HOOKABLE) and attr == "weight" for m, attr in holders):
+                embedding_ok = all(
+                    getattr(m, "max_norm", None) is None for m, _ in holders if isinstance(m, nn.Embedding)
+                )
+                if embedding_ok:
+                    self.modules[name] = [m for m, _ in holders]
+
+    @contextmanager
+    def __call__(self, params: Mapping[str, Tensor], shifts: list[Shift]) -> Iterator[dict[str, Tensor]]:
+        per_module: dict[nn.Module, list[tuple[Tensor | float, Tensor, Tensor]]] = {}
+        out: dict[str, Tensor] = {}
+        for name, p in params.items():
+            value = p.detach()
+            for scale, basis, coords in shifts:
+                matrix = basis.matrices.get(name)
+                if matrix is not None and name in self.modules:
+                    for module in self.modules[name]:
+                        per_module.setdefault(module, []).append((scale, matrix, coords[name]))
+                else:
+                    value = value + scale * basis.expand_one(name, coords[name], p.shape)
+            out[name] = value
+        handles = [
+            module.register_forward_hook(lambda mod, inputs, output, terms=terms: output + _delta(mod, inputs, terms))
+            for module, terms in per_module.items()
+        ]
+        try:
+            yield out
+        finally:
+            for handle in handles:
+                handle.remove()

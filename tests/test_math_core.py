@@ -1,0 +1,436 @@
+"""Numerical checks of the math core: sketches, Hessian actions, cross terms, convergence of BROS
+and MA-SOBA on a problem with a closed-form solution, and hyper-data cleaning on digits.
+
+Every test fixes its seeds; tolerances are stated next to each assertion together with the value
+measured when the test was written (torch 2.13 CPU), so a reader can see the margin.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from bros_hf import (
+    BilevelEngine,
+    BilevelHyperparameters,
+    Sketch,
+    UpperVariable,
+    cross_term,
+    hessian_action,
+)
+from bros_hf.sketch import is_sketched, random_matrix
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """All problems here are tiny: one intra-op thread is fastest, and much faster on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _rel_err(estimate: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """‖estimate − reference‖ / ‖reference‖ over all tensors of the dicts."""
+    num = math.sqrt(sum(float(((estimate[k] - reference[k]) ** 2).sum()) for k in reference))
+    den = math.sqrt(sum(float((reference[k] ** 2).sum()) for k in reference))
+    return num / den
+
+
+# ---------------------------------------------------------------------------------------------
+# Sketch
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_sketch_is_isotropic_on_average(kind):
+    # E[P Pᵀ] = I. n = 16, r = 4, 4000 draws: per-entry Monte-Carlo std ≤ sqrt(2 / (r·M)) ≈ 0.011,
+    # tolerance 0.06 (> 5 std; measured max deviation ≈ 0.03).
+    n, r, draws = 16, 4, 4000
+    gen = torch.Generator().manual_seed(0)
+    acc = torch.zeros(n, n)
+    for _ in range(draws):
+        p = random_matrix(n, r, gen, kind)
+        assert p.shape == (n, r)
+        acc += p @ p.T
+    mean = acc / draws
+    assert (mean - torch.eye(n)).abs().max() < 0.06
+    if kind == "rademacher":
+        p = random_matrix(n, r, gen, kind)
+        assert torch.allclose(p.abs(), torch.full((n, r), 1 / math.sqrt(r)))
+
+
+def _toy_params() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "linear.weight": torch.randn(6, 20, generator=gen),  # n = 20 > r: sketched
+        "conv.weight": torch.randn(4, 3, 5, 5, generator=gen),  # n = 75 > r: sketched
+        "linear.bias": torch.randn(6, generator=gen),  # 1-D: full space
+        "norm.weight": torch.randn(20, generator=gen),  # 1-D: full space
+        "small.weight": torch.randn(3, 8, generator=gen),  # n = 8 ≤ r: full space
+    }
+
+
+def test_sketch_shapes_and_which_tensors_are_sketched():
+    params, rank = _toy_params(), 8
+    sketch = Sketch.sample(params, rank, torch.Generator().manual_seed(1))
+    sketched = {name for name, p in params.items() if sketch.matrices[name] is not None}
+    assert sketched == {"linear.weight", "conv.weight"}
+    assert sketched == {name for name, p in params.items() if is_sketched(p, rank)}
+    assert sketch.matrices["linear.weight"].shape == (20, rank)
+    assert sketch.matrices["conv.weight"].shape == (75, rank)
+
+    coords = sketch.reduce(params)
+    assert coords["linear.weight"].shape == (6, rank)
+    assert coords["conv.weight"].shape == (4, rank)
+    for name in ("linear.bias", "norm.weight", "small.weight"):
+        assert coords[name] is params[name]  # full-space tensors pass through untouched
+    for name, coord in coords.items():
+        assert coord.shape == sketch.coordinate_shape(name, params[name])
+    expanded = sketch.expand(coords, params)
+    assert {n: t.shape for n, t in expanded.items()} == {n: p.shape for n, p in params.items()}
+    assert sketch.rank_ratio("linear.weight", params["linear.weight"]) == rank / 20
+    assert sketch.rank_ratio("linear.bias", params["linear.bias"]) == 1.0
+
+    # expand is the adjoint of reduce: ⟨Pᵀx, a⟩ = ⟨x, P a⟩ (float32 round-off, rtol 1e-5).
+    gen = torch.Generator().manual_seed(2)
+    a = {n: torch.randn(c.shape, generator=gen) for n, c in coords.items()}
+    lhs = sum(float((coords[n] * a[n]).sum()) for n in params)
+    rhs = sum(float((params[n] * expanded_a).sum()) for n, expanded_a in sketch.expand(a, params).items())
+    assert lhs == pytest.approx(rhs, rel=1e-5)
+    # S_P = P Pᵀ: project equals expand(reduce(.)) and is the identity off the sketched tensors.
+    projected = sketch.project(params)
+    for name in ("linear.bias", "norm.weight", "small.weight"):
+        assert torch.equal(projected[name], params[name])
+
+
+def test_identity_sketch_is_exact_pass_through():
+    params = _toy_params()
+    sketch = Sketch.identity(params)
+    assert all(m is None for m in sketch.matrices.values())
+    for name, tensor in sketch.project(params).items():
+        assert torch.equal(tensor, params[name])
+    assert sketch.state_dict() == {}
+
+
+def test_sketch_draws_are_reproducible():
+    params = _toy_params()
+    first = Sketch.sample(params, 8, torch.Generator().manual_seed(123), "gaussian")
+    second = Sketch.sample(params, 8, torch.Generator().manual_seed(123), "gaussian")
+    other = Sketch.sample(params, 8, torch.Generator().manual_seed(124), "gaussian")
+    for name, matrix in first.matrices.items():
+        if matrix is None:
+            assert second.matrices[name] is None
+            continue
+        assert torch.equal(matrix, second.matrices[name])
+        assert not torch.equal(matrix, other.matrices[name])
+    restored = Sketch.from_state_dict(list(params), first.state_dict())
+    for name, matrix in first.matrices.items():
+        assert (matrix is None and restored.matrices[name] is None) or torch.equal(
+            matrix, restored.matrices[name]
+        )
+    with pytest.raises(ValueError):
+        Sketch.sample(params, 0, torch.Generator())
+    with pytest.raises(ValueError):
+        random_matrix(4, 2, torch.Generator(), "uniform")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hessian action
+# ---------------------------------------------------------------------------------------------
+def _mlp_problem(
+    seed: int = 0, batch: int = 32, width: int = 32, classes: int = 5, weight_decay: float = 0.1
+):
+    """Cross-entropy of a tanh MLP 32-32-5 on a random batch plus (wd/2)‖θ‖², and a random v.
+
+    The weight decay adds wd·I to H: a flatter spectrum makes the shared-probe bias
+    (∝ tr(H)/r) clearly visible at a rank where the bi-probe mean converges in few draws."""
+    gen = torch.Generator().manual_seed(seed)
+    params = {
+        "w1": torch.randn(width, width, generator=gen) / math.sqrt(width),
+        "b1": 0.1 * torch.randn(width, generator=gen),
+        "w2": torch.randn(classes, width, generator=gen) / math.sqrt(width),
+        "b2": 0.1 * torch.randn(classes, generator=gen),
+    }
+    x = torch.randn(batch, width, generator=gen)
+    y = torch.randint(0, classes, (batch,), generator=gen)
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = torch.tanh(x @ p["w1"].T + p["b1"])
+        decay = 0.5 * weight_decay * sum(t.pow(2).sum() for t in p.values())
+        return F.cross_entropy(hidden @ p["w2"].T + p["b2"], y) + decay
+
+    v = {name: torch.randn(t.shape, generator=gen) for name, t in params.items()}
+    return loss, params, v
+
+
+def test_exact_hessian_action_matches_torch_hvp():
+    # probes=0 against torch.autograd.functional.hvp (float32: rtol 1e-5, measured ~1e-7); the
+    # finite-difference exact action against autograd (O(ε²) bias + float32 round-off: 1e-3,
+    # measured 7.7e-5).
+    loss, params, v = _mlp_problem()
+    names = list(params)
+    _, reference = torch.autograd.functional.hvp(
+        lambda *tensors: loss(dict(zip(names, tensors, strict=True))),
+        tuple(params.values()),
+        tuple(v[n] for n in names),
+    )
+    reference = dict(zip(names, reference, strict=True))
+    exact = hessian_action(loss, params, v, probes=0)
+    assert _rel_err(exact, reference) < 1e-5
+    exact_fd = hessian_action(loss, params, v, probes=0, mode="finite_difference")
+    assert _rel_err(exact_fd, reference) < 1e-3
+
+
+@pytest.mark.parametrize("mode", ["autograd", "finite_difference"])
+def test_bi_probe_hessian_action_is_unbiased_and_shared_probe_is_not(mode):
+    # Rank 16 on 32-wide layers (n/r = 2; biases stay full space), weight decay 0.1. Mean of 1500
+    # bi-probe estimates S_P H S_Q v: relative error < 0.1 (measured 0.069 in both modes; the
+    # Monte-Carlo error decreases like 1/√draws: 0.086 at 1000, 0.060-0.064 at 2000 draws for
+    # generator seeds 1-3). Shared probe S_P H S_P v, 300 draws: biased, relative error > 0.5
+    # (measured 0.97-0.98 for seeds 1-3 in both modes; the bias, (H + tr(H) I − 2 diag H)/r,
+    # does not average out). Without weight decay and at rank 8, 4000 draws were needed (0.077)
+    # for a shared-probe bias of 0.70.
+    loss, params, v = _mlp_problem()
+    exact = hessian_action(loss, params, v, probes=0)
+
+    def mean_estimate(probes: int, draws: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(1)
+        total = {name: torch.zeros_like(p) for name, p in params.items()}
+        for _ in range(draws):
+            estimate = hessian_action(loss, params, v, probes=probes, rank=16, generator=gen, mode=mode)
+            for name in total:
+                total[name] += estimate[name]
+        return {name: t / draws for name, t in total.items()}
+
+    assert _rel_err(mean_estimate(2, 1500), exact) < 0.1
+    assert _rel_err(mean_estimate(1, 300), exact) > 0.5
+
+
+def test_single_bi_probe_estimate_matches_between_modes():
+    # Same generator seed → same sketches: one finite-difference estimate equals the autograd one
+    # up to the O(ε²) bias and float32 round-off (rtol 1e-3, measured ~1e-4).
+    loss, params, v = _mlp_problem()
+    for seed in range(3):
+        kwargs = {"probes": 2, "rank": 8}
+        auto = hessian_action(loss, params, v, generator=torch.Generator().manual_seed(seed), **kwargs)
+        fd = hessian_action(
+            loss, params, v, generator=torch.Generator().manual_seed(seed), mode="finite_difference", **kwargs
+        )
+        assert _rel_err(fd, auto) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross term
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cross_term_matches_plain_autograd(dtype):
+    # ∂_λ ⟨∇_θ g(λ, θ), v⟩ for sample-weighted cross-entropy (+ a λ-dependent L2 term so every
+    # entry of λ matters), against double backward in plain torch.autograd.
+    # Tolerances: autograd rtol 1e-5 (float32) / 1e-10 (float64) (measured 0); finite differences
+    # with the default fd_eps_cross = 5e-3: 1e-3 (float32, measured 1.1e-5) / 1e-5 (float64, O(ε²)
+    # bias only: measured 1.2e-6); in float64 the bias must shrink like ε²: ε = 5e-4 gives less than
+    # 1/20 of the ε = 5e-3 error (measured 1/100).
+    gen = torch.Generator().manual_seed(0)
+    n, d, c = 6, 4, 3
+    x = torch.randn(n, d, generator=gen, dtype=dtype)
+    y = torch.randint(0, c, (n,), generator=gen)
+    lam = torch.randn(n, generator=gen, dtype=dtype)
+    params = {
+        "w": torch.randn(c, d, generator=gen, dtype=dtype),
+        "b": torch.randn(c, generator=gen, dtype=dtype),
+    }
+    v = {k: torch.randn(p.shape, generator=gen, dtype=dtype) for k, p in params.items()}
+
+    def lower(lam_: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        losses = F.cross_entropy(x @ p["w"].T + p["b"], y, reduction="none")
+        return (torch.sigmoid(lam_) * losses).mean() + 0.5 * torch.exp(lam_.mean()) * p["w"].pow(2).sum()
+
+    lam_leaf = lam.clone().requires_grad_(True)
+    leaves = {k: p.clone().requires_grad_(True) for k, p in params.items()}
+    grads = torch.autograd.grad(lower(lam_leaf, leaves), list(leaves.values()), create_graph=True)
+    inner = sum((g * v[k]).sum() for g, k in zip(grads, leaves, strict=True))
+    (reference,) = torch.autograd.grad(inner, [lam_leaf])
+
+    tight = 1e-5 if dtype == torch.float32 else 1e-10
+    loose = 1e-3 if dtype == torch.float32 else 1e-5
+    auto = cross_term(lower, lam, params, v, mode="autograd")
+    fd = cross_term(lower, lam, params, v, mode="finite_difference")
+    assert auto.shape == lam.shape
+    assert float((auto - reference).norm() / reference.norm()) < tight
+    fd_err = float((fd - reference).norm() / reference.norm())
+    assert fd_err < loose
+    if dtype == torch.float64:
+        fd_small = cross_term(lower, lam, params, v, mode="finite_difference", fd_eps_cross=5e-4)
+        assert float((fd_small - reference).norm() / reference.norm()) < fd_err / 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Convergence on a bilevel problem with a closed form
+# ---------------------------------------------------------------------------------------------
+class _LogRegularisation(UpperVariable):
+    """A single continuous upper variable λ (the log ridge strength); weights() are the logits."""
+
+    def weights(self, logits: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits if logits is None else logits
+
+    def coefficients(self, keys, logits=None):  # unused: the lower loss reads λ directly
+        raise NotImplementedError
+
+
+class _RidgeProblem:
+    """Ridge regression, upper variable λ = log μ:
+
+        g(λ, θ) = (1/2N)‖Xθ − y‖² + (e^λ/2)‖θ‖²,   θ*(λ) = (XᵀX/N + e^λ I)⁻¹ Xᵀy/N
+        f(θ)    = (1/2M)‖X_v θ − y_v‖²,             y_v = X_v θ*(λ*), λ* = −1
+
+    The validation targets are produced by the ridge solution at λ*, so F(λ) = f(θ*(λ)) has its
+    unique minimum 0 at λ* (θ* is injective in μ), and at the solution ∇f = 0, z* = 0: the
+    randomness of the sketches dies out and the iterates converge, not just hover.
+    True hypergradient: F'(λ) = −e^λ θ*ᵀ H⁻¹ ∇f(θ*), H = XᵀX/N + e^λ I (float64 closed form).
+    θ is a [1, 64] matrix, so BROS with rank 8 sketches it (n = 64 > r).
+    """
+
+    lam_star = -1.0
+
+    def __init__(self, dim: int = 64, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.dim, n, m = dim, 4 * dim, 2 * dim
+        theta_true = torch.randn(dim, generator=gen, dtype=torch.float64) / math.sqrt(dim)
+        self.x = torch.randn(n, dim, generator=gen, dtype=torch.float64)
+        self.y = self.x @ theta_true + torch.randn(n, generator=gen, dtype=torch.float64)
+        self.xv = torch.randn(m, dim, generator=gen, dtype=torch.float64)
+        self.yv = self.xv @ self.theta_star(self.lam_star)[0]
+        self.x32, self.y32, self.xv32, self.yv32 = (t.float() for t in (self.x, self.y, self.xv, self.yv))
+
+    def theta_star(self, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.x.shape[0]
+        hessian = self.x.T @ self.x / n + math.exp(lam) * torch.eye(self.dim, dtype=torch.float64)
+        return torch.linalg.solve(hessian, self.x.T @ self.y / n), hessian
+
+    def true_hypergradient(self, lam: float) -> float:
+        theta, hessian = self.theta_star(lam)
+        grad_f = self.xv.T @ (self.xv @ theta - self.yv) / self.xv.shape[0]
+        return float(-math.exp(lam) * theta @ torch.linalg.solve(hessian, grad_f))
+
+    def lower(self, lam: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        theta = p["theta"][0]
+        return (
+            0.5 * (self.x32 @ theta - self.y32).pow(2).mean() + 0.5 * torch.exp(lam[0]) * theta.pow(2).sum()
+        )
+
+    def upper(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return 0.5 * (self.xv32 @ p["theta"][0] - self.yv32).pow(2).mean()
+
+
+@pytest.mark.parametrize("method", ["masoba", "bros"])
+def test_bilevel_ridge_converges_to_closed_form(method):
+    # Same step sizes for both methods: β = 0.08 (lower SGD), γ = 0.08 (aux; BROS scales it by
+    # r/n = 8/64 on θ), α = 0.3 (upper), ρ = 0.5, full-batch steps from λ₀ = 1 (2000 BROS, 1000 MA-SOBA).
+    # Mean-square stability of the sketched aux step needs roughly γ·r/n < 2 λ_min(H) r² / (n tr H²)
+    # ≈ 0.013 here: γ = 0.3 diverged, γ = 0.08 converges.
+    # Tolerances: |λ − λ*| ≤ 0.05 = 5 % of |λ*| (measured: MA-SOBA 0; BROS ≤ 0.0034 over seeds 0-9);
+    # |F'(λ_final)| ≤ 1 % of |F'(λ₀)| = 1.5e-3 (measured: MA-SOBA 0; BROS ≤ 2.4e-4 over seeds 0-9).
+    problem = _RidgeProblem()
+    lam0 = 1.0
+    upper = _LogRegularisation(1, init_logit=lam0)
+    params = {"theta": torch.zeros(1, problem.dim)}
+    hparams = BilevelHyperparameters(method=method, rank=8, aux_lr=0.08, upper_lr=0.3, ma_weight=0.5)
+    engine = BilevelEngine(params, upper, hparams, seed=0)
+    if method == "bros":
+        assert engine.sketch_p.matrices["theta"] is not None  # θ is really sketched
+        assert engine.aux_step_size("theta") == pytest.approx(0.08 * 8 / 64)
+    for _ in range(2000 if method == "bros" else 1000):  # MA-SOBA is exact by step ~400
+        stats = engine.step(problem.lower, problem.upper, 0.08)
+        assert not stats.skipped
+    lam = float(upper.logits[0])
+    initial = abs(problem.true_hypergradient(lam0))
+    assert initial > 0.1  # the problem is not trivially solved at the start (F'(1) ≈ 0.147)
+    assert abs(lam - problem.lam_star) <= 0.05 * abs(problem.lam_star)
+    assert abs(problem.true_hypergradient(lam)) <= 0.01 * initial
+    # θ tracks θ*(λ): relative error below 1 % (measured < 1e-3).
+    theta_star = problem.theta_star(lam)[0].float()
+    assert float((params["theta"][0] - theta_star).norm() / theta_star.norm()) < 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyper-data cleaning on digits
+# ---------------------------------------------------------------------------------------------
+def test_noisy_digits_loader_and_detection_metrics():
+    pytest.importorskip("sklearn")
+    import numpy as np
+
+    from bros_hf.digits import detection_metrics, load_noisy_digits
+
+    data = load_noisy_digits(noise_rate=0.4, noise_kind="uniform", seed=3)
+    again = load_noisy_digits(noise_rate=0.4, noise_kind="uniform", seed=3)
+    assert np.array_equal(data.y_train, again.y_train) and np.array_equal(data.x_val, again.x_val)
+    assert data.x_train.dtype == np.float32 and data.y_train.dtype == np.int64
+    assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
+    assert (data.num_train, len(data.y_val), len(data.y_test)) == (997, 300, 500)
+    assert data.is_corrupted.sum() == round(0.4 * data.num_train)  # exactly, and always a different class
+    assert np.array_equal(data.is_corrupted, data.y_train != data.y_train_clean)
+    assert np.bincount(data.y_val, minlength=10).min() >= 25  # stratified: ~30 per class
+    pair = load_noisy_digits(noise_rate=0.2, noise_kind="pair", seed=3)
+    flipped = pair.is_corrupted
+    assert np.array_equal(pair.y_train[flipped], (pair.y_train_clean[flipped] + 1) % 10)
+    clean = load_noisy_digits(noise_rate=0.0, seed=3)
+    assert not clean.is_corrupted.any()
+    with pytest.raises(ValueError):
+        load_noisy_digits(noise_kind="flip")
+
+    corrupted = np.array([True, True, False, False, False])
+    perfect = detection_metrics(np.array([0.1, 0.2, 0.9, 0.8, 0.7]), corrupted)
+    assert perfect["auroc"] == 1.0 and perfect["f1"] == 1.0
+    assert perfect["precision"] == 1.0 and perfect["recall"] == 1.0
+    inverted = detection_metrics(np.array([0.9, 0.8, 0.1, 0.2, 0.3]), corrupted)
+    assert inverted["auroc"] == 0.0 and inverted["f1"] == 0.0
+
+
+def test_hyper_cleaning_recipe_smoke(tmp_path):
+    pytest.importorskip("sklearn")
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "hyper_cleaning.py"
+    spec = importlib.util.spec_from_file_location("hyper_cleaning_recipe", path)
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe  # dataclasses resolve string annotations through sys.modules
+    try:
+        spec.loader.exec_module(recipe)
+    finally:
+        sys.modules.pop(spec.name, None)
+    recipe.main(
+        ["--output_dir", str(tmp_path), "--steps", "30", "--rank", "8", "--hessian_mode", "finite_difference"]
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["methods"]) == {"masoba", "bros"}
+    assert {"baseline", "oracle", "data", "args"} <= set(results)
+    assert 0.0 <= results["methods"]["bros"]["auroc"] <= 1.0
+    assert not list(tmp_path.glob("*.tmp*"))  # the atomic write left no temporary file
+
+
+def test_hyper_cleaning_bros_matches_full_space():
+    # 40 % uniform label noise, 997 training / 300 clean validation / 500 test digits, linear
+    # softmax model, default HyperCleaningConfig (1500 steps, batch 100, β = 1, γ = 0.5 scaled by
+    # r/n for BROS, α = 100, ρ = 0.5, 100 warm-up steps, wd 1e-3), seed 0, BROS rank 16.
+    # Required: AUROC ≥ 0.95 for both and test accuracies within 1.5 points.
+    # Measured (seeds 0-4): AUROC MA-SOBA 0.966-0.983, BROS 0.969-0.987; accuracy gap ≤ 0.4 points
+    # (seed 0: 94.4 % vs 94.6 %); plain training on the noisy labels: 83.6-89.8 %.
+    pytest.importorskip("sklearn")
+    from bros_hf.digits import HyperCleaningConfig, load_noisy_digits, run_hyper_cleaning
+
+    data = load_noisy_digits(noise_rate=0.4, noise_kind="uniform", seed=0)
+    assert 0.39 < data.is_corrupted.mean() < 0.41
+    results = {
+        m: run_hyper_cleaning(data, HyperCleaningConfig(method=m, rank=16, seed=0))
+        for m in ("masoba", "bros")
+    }
+    for result in results.values():
+        assert result.skipped_steps == 0
+        assert result.auroc >= 0.95
+        assert result.test_accuracy >= 0.90
+    assert abs(results["masoba"].test_accuracy - results["bros"].test_accuracy) <= 0.015

@@ -1,0 +1,97 @@
+"""Acceptance: sample mode on digits with 40% label noise through the real Trainer.
+
+A tiny MLP (tests/toy.py ``TinyClassifier``, 64-64-10) learns on digits whose training labels are 40%
+uniformly corrupted; BROSTrainer(upper_level="sample") learns one weight per training example
+against the clean validation split. The learned weights must separate clean from corrupted examples:
+AUROC ≥ 0.9. Measured with these settings (seeds 0, 1, 2; the seed drives both the noise and the
+model): AUROC 0.982 / 0.981 / 0.988 for bros, 0.983 / 0.988 / 0.995 for masoba; test accuracy
+0.87-0.94; about 5 s each on one idle CPU thread.
+"""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from bros_hf import BROSConfig, BROSTrainer
+from tests.toy import TinyClassifier
+
+digits = pytest.importorskip("bros_hf.digits")
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine OpenMP oversubscription
+    makes every small matmul milliseconds slow. Restore the setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def as_dataset(x: np.ndarray, y: np.ndarray) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"features": x, "labels": y}).with_format("torch")
+
+
+def sample_mode_args(tmp_path, **overrides) -> BROSConfig:
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        upper_level="sample",
+        bilevel_method="bros",
+        subspace_rank=16,
+        max_steps=300,
+        per_device_train_batch_size=50,
+        learning_rate=3e-3,
+        optim="adamw_torch",
+        upper_learning_rate=100.0,
+        aux_learning_rate=0.05,
+        moving_average_weight=0.5,
+        upper_warmup_steps=50,
+        logging_steps=100,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    settings.update(overrides)
+    return BROSConfig(**settings)
+
+
+@pytest.mark.parametrize("method", ["bros", "masoba"])
+def test_sample_mode_detects_label_noise_on_digits(tmp_path, one_thread, method):
+    data = digits.load_noisy_digits(noise_rate=0.4, noise_kind="uniform", seed=0)
+    assert 0.35 < data.is_corrupted.mean() < 0.45
+    args = sample_mode_args(tmp_path, bilevel_method=method)
+    torch.manual_seed(args.seed)
+    model = TinyClassifier(in_dim=64, hidden=64, num_classes=10)
+    trainer = BROSTrainer(
+        model=model,
+        args=args,
+        train_dataset=as_dataset(data.x_train, data.y_train),
+        upper_dataset=as_dataset(data.x_val, data.y_val),
+    )
+    trainer.train()
+
+    weights = trainer.sample_weights()
+    assert weights.shape == (data.num_train,)
+    assert bool(((weights > 0) & (weights < 1)).all())
+    metrics = digits.detection_metrics(weights, data.is_corrupted)
+    assert metrics["auroc"] >= 0.9, metrics
+    corrupted = torch.from_numpy(data.is_corrupted)
+    assert float(weights[~corrupted].mean()) > float(weights[corrupted].mean()) + 0.2
+
+    with torch.no_grad():
+        logits = model(torch.from_numpy(data.x_test))["logits"]
+    accuracy = float((logits.argmax(-1) == torch.from_numpy(data.y_test)).float().mean())
+    assert accuracy > 0.8, accuracy
+
+    exported = json.loads((tmp_path / "out" / "sample_weights.json").read_text())
+    assert exported["step"] == 300
+    assert len(exported["weights"]) == data.num_train
+    assert exported["weights"]["0"] == pytest.approx(float(weights[0]))
