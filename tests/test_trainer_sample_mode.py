@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from bros_hf import BROSConfig, BROSTrainer
+from tests.test_trainer import make_args
 from tests.toy import TinyClassifier
 
 digits = pytest.importorskip("bros_hf.digits")
@@ -39,8 +40,8 @@ def as_dataset(x: np.ndarray, y: np.ndarray) -> datasets.Dataset:
 
 
 def sample_mode_args(tmp_path, **overrides) -> BROSConfig:
+    """tests.test_trainer.make_args with the sample-mode settings of this test."""
     settings = dict(
-        output_dir=str(tmp_path / "out"),
         upper_level="sample",
         bilevel_method="bros",
         subspace_rank=16,
@@ -53,14 +54,9 @@ def sample_mode_args(tmp_path, **overrides) -> BROSConfig:
         moving_average_weight=0.5,
         upper_warmup_steps=50,
         logging_steps=100,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
     )
     settings.update(overrides)
-    return BROSConfig(**settings)
+    return make_args(tmp_path, **settings)
 
 
 @pytest.mark.parametrize("method", ["bros", "masoba"])
