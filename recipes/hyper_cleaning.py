@@ -16,7 +16,6 @@ on two CPU cores.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,9 @@ from dataclasses import asdict, dataclass, field
 from transformers import HfArgumentParser
 
 from bros_hf.digits import HyperCleaningConfig, load_noisy_digits, run_hyper_cleaning, train_plain
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipes/_common.py, also when loaded by path
+from _common import write_json_atomic  # noqa: E402
 
 _DEFAULTS = HyperCleaningConfig()
 
@@ -99,21 +101,6 @@ class HyperCleaningArguments:
             seed=self.seed,
             num_threads=self.num_threads or None,
         )
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Write JSON to a temporary file in the same folder, then os.replace it into place."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _fmt(value: float | None, pct: bool = False) -> str:

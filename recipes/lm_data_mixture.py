@@ -66,7 +66,6 @@ import transformers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    HfArgumentParser,
     Trainer,
     default_data_collator,
     set_seed,
@@ -74,6 +73,9 @@ from transformers import (
 
 from bros_hf import BROSConfig, BROSTrainer
 from bros_hf.local_corpus import build_local_corpus, tokenize_and_group, train_bpe_tokenizer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipes/_common.py, also when loaded by path
+from _common import parse_with_defaults, setup_logging, write_json_atomic  # noqa: E402
 
 logger = logging.getLogger("lm_data_mixture")
 
@@ -328,45 +330,15 @@ APPLY_MIXTURE_DEFAULT_LR = 1e-3
 MAX_INTERLEAVED_EXAMPLES = 2_000_000
 
 
-def _given_options(argv: list[str]) -> set[str]:
-    """Names of the ``--options`` present on a command line (``--x v``, ``--x=v``, ``--x``)."""
-    names = set()
-    for token in argv:
-        if token.startswith("--"):
-            names.add(token[2:].split("=", 1)[0].replace("-", "_"))
-    return names
-
-
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, BROSConfig, set[str]]:
     """Parse the three dataclasses, filling every recipe default the user did not give.
 
     Defaults are injected *before* parsing, so ``TrainingArguments.__post_init__`` sees final values.
     Returns the parsed arguments and the set of option names given explicitly.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, BROSConfig))
-    defaults = dict(RECIPE_DEFAULTS)
-    if not torch.cuda.is_available():
-        defaults["use_cpu"] = True  # also what makes `accelerate launch --multi_gpu` use gloo on CPU
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        path = os.path.abspath(argv[0])
-        if path.endswith(".json"):
-            with open(path) as handle:
-                given = json.load(handle)
-        else:
-            import yaml
-
-            with open(path) as handle:
-                given = yaml.safe_load(handle)
-        merged = {**defaults, **given}
-        model_args, data_args, training_args = parser.parse_dict(merged)
-        return model_args, data_args, training_args, set(given)
-    given = _given_options(argv)
-    extra = []
-    for name, value in defaults.items():
-        if name not in given:
-            extra += [f"--{name}", str(value)]
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=extra + argv)
+    (model_args, data_args, training_args), given = parse_with_defaults(
+        (ModelArguments, DataArguments, BROSConfig), argv, RECIPE_DEFAULTS
+    )
     return model_args, data_args, training_args, given
 
 
@@ -820,20 +792,6 @@ def apply_mixtures(
 # ------------------------------------------------------------------------------------------------------
 
 
-def _setup_logging(training_args: BROSConfig) -> None:
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    level = training_args.get_process_log_level()
-    logger.setLevel(level)
-    datasets.utils.logging.set_verbosity(level)
-    transformers.utils.logging.set_verbosity(level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-
-
 def _format_report(report: dict[str, Any]) -> str:
     lines = ["", "=" * 72, f"BROS data mixture ({report['bilevel_method']}), target: {report['target']}"]
     mixture = report.get("mixture")
@@ -867,7 +825,9 @@ def _format_report(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall_start = time.time()
     model_args, data_args, training_args, given = parse_arguments(argv)
-    _setup_logging(training_args)
+    setup_logging(logger, training_args)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
     if training_args.upper_level != "domain":
         raise ValueError("This recipe learns a domain mixture: upper_level must be 'domain'.")
     logger.info("Model %s\nData %s", model_args, data_args)
@@ -1014,11 +974,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["wall_seconds"] = round(time.time() - wall_start, 1)
     report["report_path"] = os.path.join(training_args.output_dir, "report.json")
     if training_args.process_index == 0:
-        os.makedirs(training_args.output_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=training_args.output_dir, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(report, handle, indent=2)
-        os.replace(tmp, report["report_path"])
+        write_json_atomic(report["report_path"], report)
         print(_format_report(report), flush=True)
     return report
 

@@ -59,7 +59,6 @@ table on stdout.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -78,7 +77,6 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     ViTConfig,
@@ -88,6 +86,9 @@ from transformers import (
 
 from bros_hf import BROSConfig, BROSTrainer
 from bros_hf.digits import corrupt_labels, detection_metrics, load_noisy_digits
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipes/_common.py, also when loaded by path
+from _common import parse_with_defaults, setup_logging, write_json_atomic  # noqa: E402
 
 logger = logging.getLogger("vit_sample_reweighting")
 
@@ -245,44 +246,16 @@ RECIPE_DEFAULTS: dict[str, Any] = {
 HUB_DEFAULTS: dict[str, Any] = {"remove_unused_columns": False}
 
 
-def _given_options(argv: list[str]) -> set[str]:
-    """Names of the ``--options`` present on a command line (``--x v``, ``--x=v``, ``--x``)."""
-    names = set()
-    for token in argv:
-        if token.startswith("--"):
-            names.add(token[2:].split("=", 1)[0].replace("-", "_"))
-    return names
-
-
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, BROSConfig]:
-    """Parse the three dataclasses, filling every recipe default the user did not give.
+    """Parse the three dataclasses, filling every recipe default the user did not give (and
+    ``HUB_DEFAULTS`` with ``--dataset_name``).
 
     Defaults are injected *before* parsing, so ``TrainingArguments.__post_init__`` sees final values.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, BROSConfig))
-    defaults = dict(RECIPE_DEFAULTS)
-    if not torch.cuda.is_available():
-        defaults["use_cpu"] = True
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        with open(argv[0]) as handle:
-            if argv[0].endswith(".json"):
-                given = json.load(handle)
-            else:
-                import yaml
-
-                given = yaml.safe_load(handle)
-        if given.get("dataset_name"):
-            defaults.update(HUB_DEFAULTS)
-        return tuple(parser.parse_dict({**defaults, **given}))
-    given = _given_options(argv)
-    if "dataset_name" in given:
-        defaults.update(HUB_DEFAULTS)
-    extra: list[str] = []
-    for name, value in defaults.items():
-        if name not in given:
-            extra += [f"--{name}", str(value)]
-    return tuple(parser.parse_args_into_dataclasses(args=extra + argv))
+    parsed, _ = parse_with_defaults(
+        (ModelArguments, DataArguments, BROSConfig), argv, RECIPE_DEFAULTS, {"dataset_name": HUB_DEFAULTS}
+    )
+    return parsed
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -570,20 +543,6 @@ def train_bros(
 # ------------------------------------------------------------------------------------------------------
 
 
-def write_json_atomic(path: str, payload: Any) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_histogram(path: str, weights: np.ndarray, is_corrupted: np.ndarray, title: str) -> str | None:
     """Two overlaid histograms: weights of clean and of corrupted examples (written atomically)."""
     try:
@@ -647,18 +606,6 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _setup_logging(args: BROSConfig) -> None:
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    level = args.get_process_log_level()
-    logger.setLevel(level)
-    datasets.utils.logging.set_verbosity(level)
-    transformers.utils.logging.set_verbosity(level)
-
-
 SETTINGS_KEYS = (
     "bilevel_method", "upper_level", "subspace_rank", "sketch_kind", "sketch_resample_interval", "hessian_mode",
     "aux_learning_rate", "aux_step_scaling", "z_norm_bound", "upper_learning_rate", "moving_average_weight",
@@ -670,7 +617,7 @@ SETTINGS_KEYS = (
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall_start = time.time()
     model_args, data_args, args = parse_arguments(argv)
-    _setup_logging(args)
+    setup_logging(logger, args)
     if args.upper_level != "sample":
         raise ValueError("This recipe learns per-example weights: upper_level must be 'sample'.")
     if data_args.num_threads is not None:

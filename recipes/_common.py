@@ -1,0 +1,107 @@
+"""Plumbing shared by the recipes: recipe defaults merged into the parsed arguments, logging, report file.
+
+Each recipe imports it as a sibling module (``from _common import ...``); the recipes put their own
+folder on ``sys.path`` first, so this works when they run as scripts and when tests load them by path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from transformers import HfArgumentParser, TrainingArguments
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """Names of the ``--options`` present on a command line (``--x v``, ``--x=v``, ``--x``)."""
+    names = set()
+    for token in argv:
+        if token.startswith("--"):
+            names.add(token[2:].split("=", 1)[0].replace("-", "_"))
+    return names
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The options of a ``.json`` or ``.yaml``/``.yml`` argument file, as a dict."""
+    with open(path) as handle:
+        if path.endswith(".json"):
+            return json.load(handle)
+        import yaml
+
+        return yaml.safe_load(handle)
+
+
+def parse_with_defaults(
+    dataclass_types: tuple[type, ...],
+    argv: list[str] | None,
+    defaults: dict[str, Any],
+    defaults_if_given: dict[str, dict[str, Any]] | None = None,
+) -> tuple[tuple[Any, ...], set[str]]:
+    """Parse ``dataclass_types`` with ``HfArgumentParser``, filling every default the user did not give.
+
+    ``argv`` (default ``sys.argv[1:]``) is either command-line options or the path of one
+    ``.json``/``.yaml`` file. The recipe ``defaults`` (plus ``use_cpu=True`` when CUDA is missing) are
+    injected *before* parsing, so ``TrainingArguments.__post_init__`` sees final values. For each
+    ``option: extra`` of ``defaults_if_given``, ``extra`` joins the defaults when ``option`` is on the
+    command line (or set to a non-empty value in the file).
+
+    Returns the parsed dataclasses and the names of the options given explicitly.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(dataclass_types)
+    defaults = dict(defaults)
+    if not torch.cuda.is_available():
+        defaults["use_cpu"] = True  # also what makes `accelerate launch --multi_gpu` use gloo on CPU
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        values = read_config_file(argv[0])
+        for option, extra in (defaults_if_given or {}).items():
+            if values.get(option):
+                defaults.update(extra)
+        return tuple(parser.parse_dict({**defaults, **values})), set(values)
+    given = given_options(argv)
+    for option, extra in (defaults_if_given or {}).items():
+        if option in given:
+            defaults.update(extra)
+    filled: list[str] = []
+    for name, value in defaults.items():
+        if name not in given:
+            filled += [f"--{name}", str(value)]
+    return tuple(parser.parse_args_into_dataclasses(args=filled + argv)), given
+
+
+def setup_logging(logger: logging.Logger, args: TrainingArguments) -> None:
+    """Log to stdout; ``logger``, datasets and transformers at the process's level (quieter on ranks > 0)."""
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    level = args.get_process_log_level()
+    logger.setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def write_json_atomic(path: str, payload: Any) -> None:
+    """``json.dump`` (indent 2; what JSON lacks as ``str``) to a temporary file, then ``os.replace`` it
+    into ``path``, so a crash never leaves a half-written file under the final name."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
