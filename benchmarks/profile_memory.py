@@ -13,9 +13,9 @@ records, for every pass of the step:
   shape: a materialised θ + P a + … per weight), ``other`` (activations and the rest).
 
 The passes are the estimators' primitives (monkeypatched wrappers, nothing in bros_hf is modified):
-``coordinate_gradient`` (a gradient in coordinates at a possibly perturbed point; the upper pass is
-one too), ``lambda_gradient`` (finite-difference cross term), ``autograd_lower_pass`` (the double
-backward), and for ``plain`` the Trainer's ``training_step``. Writes ``OUTPUT_DIR/profile.json`` and
+``first_order`` (one plain backward to the coordinates, and to λ for the cross term, at a possibly
+perturbed point: the two finite-difference passes and the upper pass), ``autograd_lower_pass`` (the
+double backward), and for ``plain`` the Trainer's ``training_step``. Writes ``OUTPUT_DIR/profile.json`` and
 ``OUTPUT_DIR/profile.md``.
 """
 
@@ -120,8 +120,7 @@ def profile_one(size_name: str, method_name: str, steps: int, device: str) -> di
     meter = MemoryMeter(device)
     params = [p for p in model.parameters() if p.requires_grad]
     recorder = PassRecorder(meter, params)
-    _wrap(estimators, "_coordinate_gradient", recorder, "coordinate_gradient")
-    _wrap(estimators, "_lambda_gradient", recorder, "lambda_gradient")
+    _wrap(estimators, "_first_order", recorder, "first_order")
     _wrap(estimators, "_lower_pass_autograd", recorder, "autograd_lower_pass")
     if method.method == "plain":
         original_step = trainer.training_step

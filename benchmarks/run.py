@@ -40,12 +40,15 @@ class Method:
     method: str  # plain | masoba | bros
     rank: int | None = None
     hessian_mode: str | None = None
+    resample_interval: int | None = None  # None: --resample_interval, else the package default
 
 
 def all_methods(ranks=RANKS, modes=("ag", "fd")) -> list[Method]:
     methods = [Method("plain", "plain")]
     methods += [Method(f"masoba-{m}", "masoba", None, MODES[m]) for m in modes]
     methods += [Method(f"bros-r{r}-{m}", "bros", r, MODES[m]) for r in ranks for m in modes]
+    # The analysed method (lower subspace redrawn every step) next to the default interval.
+    methods += [Method(f"bros-r16-{m}-T1", "bros", 16, MODES[m], resample_interval=1) for m in modes]
     return methods
 
 
@@ -56,11 +59,12 @@ METHODS = {m.name: m for m in all_methods()}
 # large sizes run a few steps for memory and time. Quality is compared between methods of the same size.
 QUICK_LARGEST = ["plain", "masoba-ag", "masoba-fd", "bros-r4-fd", "bros-r16-ag", "bros-r16-fd", "bros-r64-fd"]
 QUICK_SMALL = ["plain", "masoba-fd", "bros-r16-fd"]
+QUICK_QUALITY = [*QUICK_LARGEST, "bros-r16-fd-T1"]
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
         "device": "cpu",
         "grid": {
-            "llama-xs": ("all", 40),
+            "llama-xs": (QUICK_QUALITY, 160),
             "llama-s": (QUICK_SMALL, 6),
             "llama-m": (QUICK_LARGEST, 6),
             "vit-tiny": (QUICK_SMALL, 10),
@@ -153,7 +157,7 @@ def make_spec(
         "aux_lr": settings.get("aux_lr"),
         "upper_lr": settings.get("upper_lr"),
         "ma_weight": settings.get("ma_weight"),
-        "resample_interval": settings.get("resample_interval", 1),
+        "resample_interval": method.resample_interval or settings.get("resample_interval"),
         "threads": settings.get("threads"),
         "run_dir": os.path.join(output_dir, "trainer_output", name),
     }
@@ -291,7 +295,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--ma_weight", type=float, help="BROSConfig.moving_average_weight.")
     parser.add_argument(
-        "--resample_interval", type=int, default=1, help="BROSConfig.sketch_resample_interval."
+        "--resample_interval",
+        type=int,
+        default=None,
+        help="BROSConfig.sketch_resample_interval (default: the package default).",
     )
     parser.add_argument(
         "--threads",

@@ -142,7 +142,7 @@ def state_bytes(trainer: Any, method: str) -> dict[str, int]:
             add("z", z)
         for c in coordinates.values():
             add("coordinates", c)
-        for sketch in (engine.sketch_p, engine.sketch_q):
+        for sketch in (engine.sketch_p, engine.sketch_q, engine.sketch_u):
             for matrix in sketch.matrices.values():
                 add("sketches", matrix)
         for group in (getattr(trainer, "_accumulated", {}) or {}).values():
@@ -246,8 +246,9 @@ def build_trainer(spec: dict[str, Any], model, train_ds, target_ds, output_dir: 
         domains=list(DOMAINS),
         subspace_rank=spec.get("rank") or 16,
         hessian_mode=spec["hessian_mode"],
-        sketch_resample_interval=spec.get("resample_interval", 1),
     )
+    if spec.get("resample_interval") is not None:
+        bilevel["sketch_resample_interval"] = spec["resample_interval"]
     for key, field in (
         ("aux_lr", "aux_learning_rate"),
         ("upper_lr", "upper_learning_rate"),

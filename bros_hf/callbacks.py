@@ -13,7 +13,6 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 if TYPE_CHECKING:
     from bros_hf.trainer import BROSTrainer
@@ -42,7 +41,9 @@ def save_plot(trainer: BROSTrainer, output_dir: str) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        warnings.warn("matplotlib is not installed: skipping the PNG plot (pip install matplotlib).", stacklevel=2)
+        warnings.warn(
+            "matplotlib is not installed: skipping the PNG plot (pip install matplotlib).", stacklevel=2
+        )
         return None
     figure, axis = plt.subplots(figsize=(6, 4))
     if trainer.args.upper_level == "domain":
@@ -70,18 +71,16 @@ def save_plot(trainer: BROSTrainer, output_dir: str) -> str | None:
 
 
 class BilevelExportCallback(TrainerCallback):
-    """Writes the learned weights (JSON + PNG) into each checkpoint and into ``output_dir`` at the end."""
+    """Writes the learned weights (JSON + PNG) into ``output_dir`` at the end of training.
+
+    Checkpoints get them from ``BROSTrainer._save_checkpoint`` instead, before the checkpoint folder
+    is renamed into place (an ``on_save`` export would land in an already published folder).
+    """
 
     def __init__(self, trainer: BROSTrainer):
         self.trainer = trainer
 
-    def _export(self, output_dir: str) -> None:
-        if self.trainer.is_world_process_zero() and self.trainer.engine is not None:
-            self.trainer.export_weights(output_dir)
-            save_plot(self.trainer, output_dir)
-
-    def on_save(self, args, state, control, **kwargs):
-        self._export(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
-
     def on_train_end(self, args, state, control, **kwargs):
-        self._export(args.output_dir)
+        if self.trainer.is_world_process_zero() and self.trainer.engine is not None:
+            self.trainer.export_weights(args.output_dir)
+            save_plot(self.trainer, args.output_dir)

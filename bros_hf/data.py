@@ -7,7 +7,7 @@ inputs into a tensor the trainer reads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import datasets
@@ -37,24 +37,46 @@ def _column_values(dataset: Any, column: str) -> list[Any]:
     values = []
     for i in range(len(dataset)):
         item = dataset[i]
-        if not isinstance(item, dict) or column not in item:
+        if not isinstance(item, Mapping) or column not in item:
             raise ValueError(
-                f"upper_level='domain' needs a domain column, but training example {i} has no key {column!r}."
+                f"upper_level='domain' needs a domain column, but training example {i} has no key {column!r}. "
+                f"Return it from every example (a name or id) or set BROSConfig(domain_column=...)."
             )
-        value = item[column]
-        if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
-            value = int(value)
-        values.append(value)
+        values.append(_as_scalar(item[column]))
     return values
+
+
+def _as_scalar(value: Any) -> Any:
+    """A 0-d tensor or NumPy scalar as the Python number it holds (so type checks and messages see it)."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def _domain_value_fix(value: Any, column: str) -> str:
+    """How to repair one bad domain value, by what it is."""
+    if value is None:
+        return (
+            f"Fill in the missing domains or drop those examples, e.g. "
+            f"dataset.filter(lambda ex: ex[{column!r}] is not None)."
+        )
+    if isinstance(value, float):
+        return (
+            f"Use integer ids or names: dataset.cast_column({column!r}, datasets.Value('int64')) "
+            f"or dataset.map(lambda ex: {{{column!r}: str(ex[{column!r}])}})."
+        )
+    if hasattr(value, "__len__"):  # list, tuple, array, tensor (str never gets here)
+        return "Each example belongs to exactly one domain: store a single name or id, not a sequence."
+    return f"Map it to names first, e.g. dataset.map(lambda ex: {{{column!r}: str(ex[{column!r}])}})."
 
 
 def check_domain_values(values: Sequence[Any], column: str) -> None:
     """Domain values must be strings or integers (one hashable scalar per example)."""
-    for value in values:
+    for index, value in enumerate(values):
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise TypeError(
-                f"Column {column!r} must hold one domain name (str) or id (int) per example, found "
-                f"{type(value).__name__} ({value!r}). Map it to names first, e.g. with dataset.map."
+                f"Column {column!r} must hold one domain name (str) or id (int) per example; training example "
+                f"{index} has {type(value).__name__} {value!r}. {_domain_value_fix(value, column)}"
             )
 
 
@@ -69,12 +91,17 @@ def attach_keys(
     if isinstance(dataset, (IterableDataset, datasets.IterableDataset)):
         raise ValueError(
             f"upper_level={upper_level!r} needs a map-style (indexable) training set to key its examples; got an "
-            "iterable dataset. Materialise it first (datasets.Dataset.from_generator or .take(n))."
+            f"iterable dataset ({type(dataset).__name__}). Materialise it first: "
+            "datasets.Dataset.from_generator(lambda: (yield from ds), features=ds.features) for a datasets "
+            "IterableDataset, or a list of its examples for a torch one."
         )
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-        raise ValueError("The training set must be indexable (support len() and [i]).")
+        raise ValueError(
+            "The training set must be indexable (support len() and [i]): pass a datasets.Dataset or a torch "
+            "map-style Dataset of dicts."
+        )
     if len(dataset) == 0:
-        raise ValueError("The training set is empty.")
+        raise ValueError("The training set is empty: pass a non-empty train_dataset.")
     names = None
     if upper_level == "domain":
         values = _column_values(dataset, domain_column)
@@ -89,7 +116,10 @@ def attach_keys(
             )
         unlisted = sorted(set(found) - set(names))
         if unlisted:
-            raise ValueError(f"Training examples have domains {unlisted} not listed in BROSConfig(domains={names}).")
+            raise ValueError(
+                f"Training examples have domains {unlisted} not listed in BROSConfig(domains={names}): add them "
+                "to domains, or filter those examples out of the training set."
+            )
         lookup = {name: i for i, name in enumerate(names)}
         keys = [lookup[str(v)] for v in values]
     else:
@@ -118,16 +148,28 @@ class KeyedDataset(Dataset):
 
 
 class KeyedCollator:
-    """Collate with the user's collator after taking ``bros_key`` out of each example."""
+    """Collate with the user's collator after taking ``bros_key`` out of each example.
 
-    def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]], drop: Sequence[str] = ()):
+    ``check`` (e.g. :meth:`bros_hf.validation.LabelSpace.check_batch`) sees every collated batch
+    while it is still on the CPU, where checking it costs no device synchronisation.
+    """
+
+    def __init__(
+        self,
+        collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
+        drop: Sequence[str] = (),
+        check: Callable[[dict[str, Any]], None] | None = None,
+    ):
         self.collator = collator
         self.drop = tuple(drop)
+        self.check = check
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         keys = [f.get(KEY_COLUMN) for f in features]
         stripped = [{k: v for k, v in f.items() if k != KEY_COLUMN and k not in self.drop} for f in features]
         batch = self.collator(stripped)
+        if self.check is not None:
+            self.check(batch)
         if all(k is not None for k in keys):
             batch[KEY_COLUMN] = torch.tensor([int(k) for k in keys], dtype=torch.long)
         return batch
@@ -189,7 +231,8 @@ class UpperStream:
             raise ValueError("The upper (target) set is empty: pass a non-empty upper_dataset.")
         if len(dataset) < world_size:
             raise ValueError(
-                f"The upper set has {len(dataset)} examples, fewer than the {world_size} processes: each needs one."
+                f"The upper set has {len(dataset)} examples, fewer than the {world_size} processes: each needs "
+                "one. Add target examples or launch fewer processes."
             )
         self.dataset = dataset
         self.collator = collator

@@ -6,24 +6,28 @@ update subspace) and Q (the second, independent probe).
 
 Everything goes through one primitive, :func:`lower_pass`, which evaluates g at
 
-    θ + P a + t · Q w + s · v          (a: r-dim coordinates; t, s: scalars; all zero)
+    θ + P a + t · d,     d = Q w          (a: r-dim coordinates; t: a scalar; both zero)
 
 and returns, from derivatives at zero,
 
     ∂g/∂a           = Pᵀ ∇_θ g                       (lower gradient in coordinates)
-    ∂²g/∂a∂t        = Pᵀ H Q w                       (Hessian action in coordinates)
-    ∂²g/∂λ∂s        = ∂_λ ⟨∇_θ g, v⟩                 (cross term)
+    ∂²g/∂a∂t        = Pᵀ H d                         (Hessian action in coordinates)
+    ∂²g/∂λ∂t        = ∂_λ ⟨∇_θ g, d⟩                 (cross term along the same direction)
 
-either by double backward restricted to the scalars/coordinates (``mode="autograd"``, exact) or by
-central finite differences of first-order quantities (``mode="finite_difference"``: no second-order
-graph, O(ε²) bias, memory of a plain backward; the cross term then needs only forward passes and a
-backward through λ).
+either by double backward restricted to the scalar t (``mode="autograd"``, exact: one second
+backward yields both second-order terms) or by central differences of first-order quantities at
+θ ± δd (``mode="finite_difference"``: two plain backward passes yield all three terms, no
+second-order graph, O(δ²) bias, memory of a plain backward).
+
+BROS uses d = S_Q z for both second-order terms. DESIGN.md writes the cross term with S_P z; S_Q z
+is unbiased for the same reason (E[Q Qᵀ] = I, Q independent of z, λ, θ), and sharing d is what
+lets one pair of passes produce everything.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -80,13 +84,18 @@ class SubspaceVector(NamedTuple):
 
 
 Shift = tuple[Tensor | float, Sketch, Mapping[str, Tensor]]
+# Zero coordinates (B, a) whose only purpose is ∂g/∂a in a first-order pass (never differentiated twice).
+Probe = tuple[Sketch, Mapping[str, Tensor]]
 
 
 class MaterializedPerturber:
-    """Evaluate at θ + Σ_k c_k B_k w_k by forming the perturbed tensors (pure, any loss_fn)."""
+    """Evaluate at θ + Σ_j B_j a_j + Σ_k c_k B_k w_k by forming the perturbed tensors (pure, any loss_fn)."""
 
     @contextmanager
-    def __call__(self, params: Mapping[str, Tensor], shifts: list[Shift]) -> Iterator[dict[str, Tensor]]:
+    def __call__(
+        self, params: Mapping[str, Tensor], shifts: list[Shift], probes: Sequence[Probe] = ()
+    ) -> Iterator[dict[str, Tensor]]:
+        shifts = [(1.0, *probe) for probe in probes] + list(shifts)
         out = {}
         for name, p in params.items():
             value = p.detach()
@@ -96,11 +105,25 @@ class MaterializedPerturber:
         yield out
 
 
-Perturber = Callable[[Mapping[str, Tensor], list[Shift]], AbstractContextManager[dict[str, Tensor]]]
+Perturber = Callable[..., AbstractContextManager[dict[str, Tensor]]]
+"""``perturber(params, shifts, probes=())`` → context yielding the perturbed parameter dict."""
 
 
 def _zeros_for_unused(grads: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(ref) if g is None else g for g, ref in zip(grads, like, strict=True)]
+
+
+def _distinct(*sketches: Sketch | None) -> list[Sketch]:
+    """The sketches to probe, each once (the lower sketch is usually P itself)."""
+    out: list[Sketch] = []
+    for sketch in sketches:
+        if sketch is not None and all(sketch is not other for other in out):
+            out.append(sketch)
+    return out
+
+
+def _position(sketches: list[Sketch], sketch: Sketch | None) -> int | None:
+    return None if sketch is None else next(i for i, other in enumerate(sketches) if other is sketch)
 
 
 def lower_pass(
@@ -110,156 +133,172 @@ def lower_pass(
     sketch_p: Sketch | None,
     *,
     direction: SubspaceVector | None = None,
-    cross_vector: SubspaceVector | None = None,
+    with_cross: bool = False,
+    lower_sketch: Sketch | None = None,
     mode: HessianMode = "autograd",
-    fd_eps: float = 1e-3,
-    fd_eps_cross: float = 5e-3,
+    fd_eps: float = 2e-3,
     perturber: Perturber | None = None,
 ) -> LowerPassResult:
-    """One lower-batch evaluation: Pᵀ∇g, Pᵀ H d and ∂_λ⟨∇_θ g, v⟩ at (λ, θ).
+    """One lower-batch evaluation: Uᵀ∇g, Pᵀ H d and ∂_λ⟨∇_θ g, d⟩ at (λ, θ).
 
     Args:
         lower_loss_fn: ``(λ, params) -> g`` scalar.
         lam: upper variables λ (detached inside; a fresh leaf is made when the cross term is needed).
         params: θ, name -> tensor (treated as constants; never modified).
-        sketch_p: P; ``None`` skips the gradient and Hessian action (cross term only).
-        direction: d = Q w given as (Q, w) (``None``: no Hessian action).
-        cross_vector: v for the cross term as (basis, coordinates), typically S_P z = (P, Pᵀz).
+        sketch_p: P, the subspace of the Hessian action; ``None`` skips gradient and Hessian action
+            (cross term only).
+        direction: d = Q w given as (Q, w) (``None``: neither Hessian action nor cross term).
+        with_cross: also return the cross term ∂_λ⟨∇_θ g, d⟩ along the same direction d.
+        lower_sketch: U, the subspace of the returned gradient Uᵀ∇g (default: P).
         mode: ``"autograd"`` (double backward in the coordinates) or ``"finite_difference"``.
-        fd_eps: relative finite-difference step of the Hessian action: θ ± δ d with
-            δ‖d‖ = ``fd_eps`` · max(‖θ‖, 1).
-        fd_eps_cross: the same for the cross term, which differences loss values rather than
-            gradients and so needs a larger step to stay clear of float32 rounding (measured on a
-            2-layer GPT-2: relative error 0.02 at 5e-3, 1.0 at 5e-5).
+        fd_eps: relative finite-difference step: θ ± δ d with δ‖d‖ = ``fd_eps`` · max(‖θ‖, 1).
+            The Hessian action differences gradients and the cross term differences λ-gradients
+            (loss values), so the step trades O(δ²) bias against float32 round-off of both; see
+            :func:`_lower_pass_finite_difference` for the measurements behind the default.
         perturber: how θ + Σ c_k B_k w_k reaches ``lower_loss_fn`` (default: materialised tensors;
             :class:`bros_hf.lowrank.LowRankPerturber` adds low-rank terms inside the layers instead).
     """
+    if with_cross and direction is None:
+        raise ValueError("The cross term ∂_λ⟨∇_θ g, d⟩ needs a direction d.")
+    if sketch_p is None and direction is None:
+        raise ValueError("Nothing to compute: pass a sketch P (gradient) and/or a direction d.")
+    if lower_sketch is not None and sketch_p is None:
+        raise ValueError("A lower sketch U needs the sketch P as well.")
+    lower_sketch = lower_sketch or sketch_p
     perturber = perturber or MaterializedPerturber()
     if mode == "autograd":
-        return _lower_pass_autograd(lower_loss_fn, lam, params, sketch_p, direction, cross_vector, perturber)
+        return _lower_pass_autograd(
+            lower_loss_fn, lam, params, sketch_p, lower_sketch, direction, with_cross, perturber
+        )
     if mode == "finite_difference":
         return _lower_pass_finite_difference(
-            lower_loss_fn, lam, params, sketch_p, direction, cross_vector, fd_eps, fd_eps_cross, perturber
+            lower_loss_fn, lam, params, sketch_p, lower_sketch, direction, with_cross, fd_eps, perturber
         )
     raise ValueError(f"Unknown Hessian-action mode {mode!r}: use 'autograd' or 'finite_difference'.")
 
 
 def _lower_pass_autograd(
-    lower_loss_fn, lam, params, sketch_p, direction, cross_vector, perturber
+    lower_loss_fn, lam, params, sketch_p, lower_sketch, direction, with_cross, perturber
 ) -> LowerPassResult:
-    coords = sketch_p.zeros_like(params, requires_grad=True) if sketch_p is not None else None
-    coord_list = list(coords.values()) if coords is not None else []
+    """g at θ + U b + P a + t d; ∂g/∂b, then one backward of ∂g/∂t (with graph) to (a, λ)."""
+    sketches = _distinct(lower_sketch, sketch_p)
+    coords = [sketch.zeros_like(params, requires_grad=True) for sketch in sketches]
+    flat = [c for group in coords for c in group.values()]
     t = torch.zeros((), requires_grad=True) if direction is not None else None
-    s = torch.zeros((), requires_grad=True) if cross_vector is not None else None
-    lam_leaf = lam.detach().clone().requires_grad_(cross_vector is not None)
-    shifts: list[Shift] = []
-    if coords is not None:
-        shifts.append((1.0, sketch_p, coords))
+    lam_leaf = lam.detach().clone().requires_grad_(with_cross)
+    shifts: list[Shift] = [(1.0, sketch, group) for sketch, group in zip(sketches, coords, strict=True)]
     if t is not None:
         shifts.append((t, *direction))
-    if s is not None:
-        shifts.append((s, *cross_vector))
 
     with perturber(params, shifts) as perturbed:
         loss = lower_loss_fn(lam_leaf, perturbed)
-    scalars = [x for x in (t, s) if x is not None]
-    second_order = bool(scalars)
-    first = torch.autograd.grad(loss, coord_list + scalars, create_graph=second_order, allow_unused=True)
-    grads = _zeros_for_unused(first[: len(coord_list)], coord_list)
-    first_scalars = list(first[len(coord_list) :])
+    scalars = [t] if t is not None else []
+    first = torch.autograd.grad(loss, flat + scalars, create_graph=t is not None, allow_unused=True)
+    grads_flat = iter(_zeros_for_unused(first[: len(flat)], flat))
+    grads = [{n: next(grads_flat).detach() for n in group} for group in coords]
 
-    hessian_action = None
-    cross = None
+    hessian_action = cross = None
     if t is not None:
-        dg_dt = first_scalars.pop(0)
-        if dg_dt is None or not dg_dt.requires_grad or not coord_list:
-            hessian_action = {n: torch.zeros_like(c) for n, c in coords.items()} if coords else None
+        # ∂²g/∂t∂a = Pᵀ H d and ∂²g/∂t∂λ = ∂_λ⟨∇_θ g, d⟩ from the same second backward.
+        p_coords = coords[_position(sketches, sketch_p)] if sketch_p is not None else {}
+        targets = list(p_coords.values()) + ([lam_leaf] if with_cross else [])
+        dg_dt = first[-1]
+        if dg_dt is None or not dg_dt.requires_grad:
+            second = [torch.zeros_like(x) for x in targets]
         else:
-            hv = torch.autograd.grad(dg_dt, coord_list, retain_graph=s is not None, allow_unused=True)
-            hessian_action = dict(zip(coords, _zeros_for_unused(hv, coord_list), strict=True))
-    if s is not None:
-        dg_ds = first_scalars.pop(0)
-        if dg_ds is None or not dg_ds.requires_grad:
-            cross = torch.zeros_like(lam_leaf)
-        else:
-            (cross,) = _zeros_for_unused(torch.autograd.grad(dg_ds, [lam_leaf], allow_unused=True), [lam_leaf])
-
-    grad_dict = {n: g.detach() for n, g in zip(coords, grads, strict=True)} if coords is not None else None
-    if hessian_action is not None:
-        hessian_action = {n: h.detach() for n, h in hessian_action.items()}
+            second = _zeros_for_unused(torch.autograd.grad(dg_dt, targets, allow_unused=True), targets)
+        if p_coords:
+            hessian_action = {n: h.detach() for n, h in zip(p_coords, second, strict=False)}
+        if with_cross:
+            cross = second[-1].detach()
+    lower_index = _position(sketches, lower_sketch)
     return LowerPassResult(
         loss=loss.detach(),
-        grad=grad_dict,
+        grad=None if lower_index is None else grads[lower_index],
         hessian_action=hessian_action,
-        cross=None if cross is None else cross.detach(),
+        cross=cross,
     )
 
 
-def _coordinate_gradient(
-    lower_loss_fn, lam, params, sketch_p, shifts, perturber, rng: _CommonRandomNumbers | None = None
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """g and Pᵀ∇_θ g at θ + Σ shifts (one plain backward)."""
-    if rng is not None:
-        rng.replay()
-    coords = sketch_p.zeros_like(params, requires_grad=True)
-    coord_list = list(coords.values())
-    with perturber(params, [(1.0, sketch_p, coords), *shifts]) as perturbed:
-        loss = lower_loss_fn(lam.detach(), perturbed)
-    grads = _zeros_for_unused(torch.autograd.grad(loss, coord_list, allow_unused=True), coord_list)
-    return loss.detach(), dict(zip(coords, grads, strict=True))
-
-
-def _lambda_gradient(lower_loss_fn, lam, params, shifts, perturber, rng: _CommonRandomNumbers) -> Tensor:
-    """∇_λ g at θ + Σ shifts; θ is constant, so the backward only runs through λ."""
+def _first_order(
+    lower_loss_fn,
+    lam,
+    params,
+    sketches: list[Sketch],
+    shifts,
+    perturber,
+    rng: _CommonRandomNumbers,
+    with_lambda: bool,
+) -> tuple[Tensor, list[dict[str, Tensor]], Tensor | None]:
+    """(g, [Bᵀ∇_θ g for each sketch B], ∇_λ g) at θ + Σ shifts with one plain backward (θ is a constant)."""
     rng.replay()
-    lam_leaf = lam.detach().clone().requires_grad_(True)
-    with perturber(params, shifts) as perturbed:
+    coords = [sketch.zeros_like(params, requires_grad=True) for sketch in sketches]
+    lam_leaf = lam.detach().clone().requires_grad_(with_lambda)
+    flat = [c for group in coords for c in group.values()]
+    targets = flat + ([lam_leaf] if with_lambda else [])
+    probes = list(zip(sketches, coords, strict=True))
+    with perturber(params, list(shifts), probes=probes) as perturbed:
         loss = lower_loss_fn(lam_leaf, perturbed)
-    if not loss.requires_grad:
-        return torch.zeros_like(lam_leaf)
-    (grad,) = _zeros_for_unused(torch.autograd.grad(loss, [lam_leaf], allow_unused=True), [lam_leaf])
-    return grad
+    if targets and loss.requires_grad:
+        grads = _zeros_for_unused(torch.autograd.grad(loss, targets, allow_unused=True), targets)
+    else:
+        grads = [torch.zeros_like(x) for x in targets]
+    flat_grads = iter(grads[: len(flat)])
+    coord_grads = [{n: next(flat_grads) for n in group} for group in coords]
+    return loss.detach(), coord_grads, grads[-1] if with_lambda else None
 
 
 def _lower_pass_finite_difference(
-    lower_loss_fn, lam, params, sketch_p, direction, cross_vector, fd_eps, fd_eps_cross, perturber
+    lower_loss_fn, lam, params, sketch_p, lower_sketch, direction, with_cross, fd_eps, perturber
 ) -> LowerPassResult:
+    """Two gradient passes at θ ± δ d give all three terms (central differences, O(δ²) bias):
+
+        Uᵀ∇g       ≈ [Uᵀ∇g(θ + δd) + Uᵀ∇g(θ − δd)] / 2
+        Pᵀ H d     ≈ [Pᵀ∇g(θ + δd) − Pᵀ∇g(θ − δd)] / 2δ
+        ∂_λ⟨∇g, d⟩ ≈ [∇_λ g(θ + δd) − ∇_λ g(θ − δd)] / 2δ
+
+    Both passes replay the same RNG state (dropout masks), so the differences see θ only. Without
+    a direction (or with d = 0) it is one plain gradient pass at θ.
+
+    Step size: a common ``fd_eps`` = 2e-3 (δ‖d‖ relative to max(‖θ‖, 1)). Measured in float32
+    against double backward on 2-layer GPT-2 and Llama models (tests/test_lowrank.py), over eps
+    from 2e-4 to 2e-2: the gradient and Hessian action errors grow like eps² (≈1e-4 relative at
+    2e-3, 2e-3 at 1e-2); the cross term, which differences loss values, is dominated by round-off
+    below 1e-3 (2e-2-7e-2 at 2e-4, 0.9e-3-3e-3 at 2e-3).
+    """
     rng = _CommonRandomNumbers()
-    scale = max(float(global_norm(params)), 1.0)
-    loss, grads = None, None
-    if sketch_p is not None:
-        loss, grads = _coordinate_gradient(lower_loss_fn, lam, params, sketch_p, [], perturber, rng)
+    sketches = _distinct(lower_sketch, sketch_p)
+    lower_index, p_index = _position(sketches, lower_sketch), _position(sketches, sketch_p)
+    norm = direction.norm() if direction is not None else 0.0
+    if norm == 0.0:
+        with torch.set_grad_enabled(bool(sketches)):
+            loss, grads, _ = _first_order(lower_loss_fn, lam, params, sketches, [], perturber, rng, False)
+        hessian_action = None
+        if direction is not None and p_index is not None:
+            hessian_action = {n: torch.zeros_like(g) for n, g in grads[p_index].items()}
+        cross = torch.zeros_like(lam, dtype=torch.float32) if with_cross else None
+        grad = None if lower_index is None else grads[lower_index]
+        return LowerPassResult(loss=loss, grad=grad, hessian_action=hessian_action, cross=cross)
 
-    hessian_action = None
-    if direction is not None and sketch_p is not None:
-        norm = direction.norm()
-        if norm == 0.0:
-            hessian_action = {n: torch.zeros_like(g) for n, g in grads.items()}
-        else:
-            delta = fd_eps * scale / norm
-            _, plus = _coordinate_gradient(
-                lower_loss_fn, lam, params, sketch_p, [(delta, *direction)], perturber, rng
-            )
-            _, minus = _coordinate_gradient(
-                lower_loss_fn, lam, params, sketch_p, [(-delta, *direction)], perturber, rng
-            )
-            hessian_action = {n: (plus[n] - minus[n]) / (2 * delta) for n in plus}
-
-    cross = None
-    if cross_vector is not None:
-        norm = cross_vector.norm()
-        if norm == 0.0:
-            cross = torch.zeros_like(lam, dtype=torch.float32)
-        else:
-            delta = fd_eps_cross * scale / norm
-            plus = _lambda_gradient(lower_loss_fn, lam, params, [(delta, *cross_vector)], perturber, rng)
-            minus = _lambda_gradient(lower_loss_fn, lam, params, [(-delta, *cross_vector)], perturber, rng)
-            cross = (plus - minus) / (2 * delta)
-    if loss is None:
-        rng.replay()
-        with torch.no_grad(), perturber(params, []) as perturbed:
-            loss = lower_loss_fn(lam.detach(), perturbed)
-    return LowerPassResult(loss=loss.detach(), grad=grads, hessian_action=hessian_action, cross=cross)
+    delta = fd_eps * max(float(global_norm(params)), 1.0) / norm
+    plus, minus = (
+        _first_order(
+            lower_loss_fn, lam, params, sketches, [(sign * delta, *direction)], perturber, rng, with_cross
+        )
+        for sign in (1.0, -1.0)
+    )
+    (loss_p, grads_p, lam_p), (loss_m, grads_m, lam_m) = plus, minus
+    grad = hessian_action = None
+    if lower_index is not None:
+        grad = {n: 0.5 * (grads_p[lower_index][n] + grads_m[lower_index][n]) for n in grads_p[lower_index]}
+    if p_index is not None:
+        hessian_action = {
+            n: (grads_p[p_index][n] - grads_m[p_index][n]) / (2 * delta) for n in grads_p[p_index]
+        }
+    cross = (lam_p - lam_m) / (2 * delta) if with_cross else None
+    return LowerPassResult(
+        loss=0.5 * (loss_p + loss_m), grad=grad, hessian_action=hessian_action, cross=cross
+    )
 
 
 def hessian_action(
@@ -272,7 +311,7 @@ def hessian_action(
     generator: torch.Generator | None = None,
     mode: HessianMode = "autograd",
     sketch: SketchKind = "rademacher",
-    fd_eps: float = 1e-3,
+    fd_eps: float = 2e-3,
 ) -> dict[str, Tensor]:
     """Estimate the Hessian action H v, H = ∇²_θθ loss_fn(θ), returned with ``params``' shapes.
 
@@ -317,20 +356,21 @@ def cross_term(
     vector: Mapping[str, Tensor],
     *,
     mode: HessianMode = "autograd",
-    fd_eps_cross: float = 5e-3,
+    fd_eps: float = 2e-3,
 ) -> Tensor:
-    """∂_λ ⟨∇_θ g(λ, θ), v⟩ = ∇²_λθ g · v (in BROS, v = S_P z: ∂_λ⟨∇_a g, Pᵀ z⟩).
+    """∂_λ ⟨∇_θ g(λ, θ), v⟩ = ∇²_λθ g · v (in BROS, v = S_Q z).
 
-    ``finite_difference``: [∇_λ g(λ, θ + δv) − ∇_λ g(λ, θ − δv)] / 2δ, δ‖v‖ = fd_eps_cross · max(‖θ‖, 1);
+    ``finite_difference``: [∇_λ g(λ, θ + δv) − ∇_λ g(λ, θ − δv)] / 2δ, δ‖v‖ = fd_eps · max(‖θ‖, 1);
     θ is constant there, so only forward passes and a backward through λ are needed."""
     result = lower_pass(
         lower_loss_fn,
         lam,
         dict(params),
         None,
-        cross_vector=SubspaceVector(Sketch.identity(vector), dict(vector)),
+        direction=SubspaceVector(Sketch.identity(vector), dict(vector)),
+        with_cross=True,
         mode=mode,
-        fd_eps_cross=fd_eps_cross,
+        fd_eps=fd_eps,
     )
     return result.cross
 
@@ -339,6 +379,14 @@ def coordinate_gradient(
     loss_fn: LossFn, params: Mapping[str, Tensor], sketch_p: Sketch, perturber: Perturber | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(f(θ), Pᵀ∇_θ f(θ)) with one plain backward through the coordinates a of θ + P a."""
-    return _coordinate_gradient(
-        lambda _lam, p: loss_fn(p), torch.zeros(()), dict(params), sketch_p, [], perturber or MaterializedPerturber()
+    loss, grads, _ = _first_order(
+        lambda _lam, p: loss_fn(p),
+        torch.zeros(()),
+        dict(params),
+        [sketch_p],
+        [],
+        perturber or MaterializedPerturber(),
+        _CommonRandomNumbers(),
+        with_lambda=False,
     )
+    return loss, grads[0]

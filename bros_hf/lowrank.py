@@ -9,20 +9,26 @@ the perturbed weight W + c · w Bᵀ changes a layer's output by a rank-r term:
 
 Forward hooks add these terms during a pass, so the weights themselves are used unchanged: no
 W + w Bᵀ tensor is formed, none is saved for backward, and gradients with respect to w are r-dim
-(Δy's backward never builds an [m, n] gradient). Tensors not used that way (biases, norms,
+(Δy's backward never builds an [m, n] gradient).
+
+First-order passes also take a *probe*: coordinates a that are zero and only there for ∂g/∂a. Its
+term adds nothing to y and, since a = 0, nothing to ∂g/∂x either, so :class:`_ProbeGradient` skips
+both and computes only ∂g/∂a in backward (Linear: ∂g/∂yᵀ (x B); Conv1D: xᵀ (∂g/∂y B); Embedding:
+rows of ∂g/∂y B added at the ids). That saves four thin matrix products per layer and pass. Tensors not used that way (biases, norms,
 convolutions, parameters used directly in a forward, full-space tensors) are materialised as in
 :class:`~bros_hf.estimators.MaterializedPerturber`; they are small or unsketched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bros_hf.estimators import Shift
+from bros_hf.estimators import Probe, Shift
 
 try:  # GPT-2 style layers; transformers is a dependency, but keep this module importable alone
     from transformers.pytorch_utils import Conv1D
@@ -43,10 +49,11 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
 
 
 def _delta(module: nn.Module, inputs: tuple, terms: list[tuple[Tensor | float, Tensor, Tensor]]) -> Tensor:
-    """Σ_k c_k Δy_k for one module (see the module docstring)."""
+    """Σ_k c_k Δy_k for one module (see the module docstring); c_k scales the small r-dim factor."""
     x = inputs[0]
     total = None
     for scale, basis, coords in terms:
+        coords = scale * coords
         if isinstance(module, nn.Embedding):
             picked = F.embedding(x, coords, padding_idx=module.padding_idx)
             term = picked @ basis.to(picked.dtype).T
@@ -54,9 +61,46 @@ def _delta(module: nn.Module, inputs: tuple, terms: list[tuple[Tensor | float, T
             term = F.linear(F.linear(x, basis.T.to(x.dtype)), coords.to(x.dtype))
         else:  # Conv1D: y = x W + b with W = [in, out]
             term = F.linear(F.linear(x, coords.T.to(x.dtype)), basis.to(x.dtype))
-        term = scale * term
         total = term if total is None else total + term
     return total
+
+
+def _probe_gradient(module: nn.Module, saved: Tensor, basis: Tensor, grad_out: Tensor) -> Tensor:
+    """∂g/∂a for the a-term of ``module`` at a = 0 from ∂g/∂y and what forward saved (see _ProbeGradient)."""
+    basis = basis.to(grad_out.dtype)
+    if isinstance(module, nn.Embedding):
+        rows = (grad_out @ basis).reshape(-1, basis.shape[1])
+        grad = rows.new_zeros(module.num_embeddings, basis.shape[1]).index_add_(0, saved.reshape(-1), rows)
+        if module.padding_idx is not None:
+            grad[module.padding_idx] = 0
+        return grad
+    flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+    flat_saved = saved.reshape(-1, saved.shape[-1]).to(grad_out.dtype)
+    if isinstance(module, nn.Linear):
+        return flat_grad.T @ flat_saved  # saved = x B
+    return flat_saved.T @ (flat_grad @ basis)  # Conv1D: saved = x
+
+
+class _ProbeGradient(torch.autograd.Function):
+    """y ↦ y, with ∂g/∂a of the zero probe coordinates a computed in backward.
+
+    Saves only what that needs: x B ([tokens, r]) for ``nn.Linear``, the ids for ``nn.Embedding``,
+    and x for ``Conv1D`` (whose a sits on the input side).
+    """
+
+    @staticmethod
+    def forward(ctx, output: Tensor, coords: Tensor, x: Tensor, basis: Tensor, module: nn.Module) -> Tensor:
+        saved = F.linear(x, basis.T.to(x.dtype)) if isinstance(module, nn.Linear) else x
+        ctx.save_for_backward(saved, basis)
+        ctx.module = module
+        ctx.coords_dtype = coords.dtype
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        saved, basis = ctx.saved_tensors
+        grad_coords = _probe_gradient(ctx.module, saved, basis, grad_out).to(ctx.coords_dtype)
+        return grad_out, grad_coords, None, None, None
 
 
 class LowRankPerturber:
@@ -80,11 +124,21 @@ class LowRankPerturber:
                     self.modules[name] = [m for m, _ in holders]
 
     @contextmanager
-    def __call__(self, params: Mapping[str, Tensor], shifts: list[Shift]) -> Iterator[dict[str, Tensor]]:
+    def __call__(
+        self, params: Mapping[str, Tensor], shifts: list[Shift], probes: Sequence[Probe] = ()
+    ) -> Iterator[dict[str, Tensor]]:
         per_module: dict[nn.Module, list[tuple[Tensor | float, Tensor, Tensor]]] = {}
+        module_probes: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
         out: dict[str, Tensor] = {}
         for name, p in params.items():
             value = p.detach()
+            for basis, coords in probes:
+                matrix = basis.matrices.get(name)
+                if matrix is not None and name in self.modules:
+                    for module in self.modules[name]:
+                        module_probes.setdefault(module, []).append((matrix, coords[name]))
+                else:
+                    value = value + basis.expand_one(name, coords[name], p.shape)
             for scale, basis, coords in shifts:
                 matrix = basis.matrices.get(name)
                 if matrix is not None and name in self.modules:
@@ -93,10 +147,15 @@ class LowRankPerturber:
                 else:
                     value = value + scale * basis.expand_one(name, coords[name], p.shape)
             out[name] = value
-        handles = [
-            module.register_forward_hook(lambda mod, inputs, output, terms=terms: output + _delta(mod, inputs, terms))
-            for module, terms in per_module.items()
-        ]
+
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+            if module in per_module:
+                output = output + _delta(module, inputs, per_module[module])
+            for matrix, coords in module_probes.get(module, ()):
+                output = _ProbeGradient.apply(output, coords, inputs[0], matrix, module)
+            return output
+
+        handles = [module.register_forward_hook(hook) for module in per_module.keys() | module_probes.keys()]
         try:
             yield out
         finally:

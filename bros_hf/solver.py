@@ -2,14 +2,17 @@
 
 Per step k, with lower batch ξ and upper batch ζ (DESIGN.md §2):
 
-    θ ← θ − β S_P ∇_θ g(λ, θ; ξ)                            (through r-dim coordinates)
+    θ ← θ − β S_U ∇_θ g(λ, θ; ξ)                            (through r-dim coordinates)
     z ← Π_R( z − γ_n S_P ( H S_Q z − ∇_θ f(θ; ζ) ) )         H = ∇²_θθ g(λ, θ; ξ)
-    D = ∇_λ f − ∂_λ ⟨∇_θ g, S_P z⟩
+    D = ∇_λ f − ∂_λ ⟨∇_θ g, S_Q z⟩
     h ← (1 − ρ) h + ρ D,       λ ← λ − α h
 
-``method="masoba"`` is the same code with identity sketches (S_P = S_Q = I). ``method="bros"``
-draws independent Rademacher (or Gaussian) P, Q every ``resample_every`` steps from a seeded CPU
-generator, identical on every process. γ_n = γ · r / n for a tensor sketched along a dimension of
+``method="masoba"`` is the same code with identity sketches (S_U = S_P = S_Q = I). ``method="bros"``
+draws independent Rademacher (or Gaussian) P, Q every step from a seeded CPU generator, identical on
+every process: each auxiliary step is then the unbiased bi-probe step the method analyses. The
+lower update runs in U = P when ``resample_every`` = 1 (the analysed method), else in its own
+subspace U, redrawn every ``resample_every`` steps: the lower optimizer (e.g. Adam) keeps its state
+in U's coordinates between redraws, which it needs to make progress (see the README's numbers). γ_n = γ · r / n for a tensor sketched along a dimension of
 size n (``aux_step_scaling="rank_ratio"``, the default) because the variance of S_P H S_Q grows
 like (n / r)²; full-space tensors use γ. All terms of a step use the iterates (θ_k, z_k, λ_k).
 """
@@ -54,8 +57,7 @@ class BilevelHyperparameters:
     upper_lr: float = 0.1
     ma_weight: float = 0.5
     z_radius: float | None = None
-    fd_eps: float = 1e-3
-    fd_eps_cross: float = 5e-3
+    fd_eps: float = 2e-3
     upper_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
@@ -65,7 +67,7 @@ class BilevelHyperparameters:
             raise ValueError(f"rank must be ≥ 1, got {self.rank}.")
         if self.resample_every < 1:
             raise ValueError(f"resample_every must be ≥ 1, got {self.resample_every}.")
-        for name in ("aux_lr", "upper_lr", "fd_eps", "fd_eps_cross"):
+        for name in ("aux_lr", "upper_lr", "fd_eps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
         if not 0.0 < self.ma_weight <= 1.0:
@@ -107,6 +109,7 @@ class BilevelEngine:
         self.step_count = 0
         self.sketch_p = Sketch.identity(self.params)
         self.sketch_q = self.sketch_p
+        self.sketch_u = self.sketch_p
         self._resample_if_due()
 
     # -- sketches -------------------------------------------------------------------------------
@@ -115,15 +118,22 @@ class BilevelEngine:
         return self.hparams.method == "masoba"
 
     def _resample_if_due(self) -> bool:
-        if self.full_space or self.step_count % self.hparams.resample_every != 0:
+        """Fresh P, Q; a fresh U when due (U = P at ``resample_every`` = 1). True when U changed."""
+        if self.full_space:
             return False
         kind, rank = self.hparams.sketch, self.hparams.rank
         self.sketch_p = Sketch.sample(self.params, rank, self.generator, kind)
         self.sketch_q = Sketch.sample(self.params, rank, self.generator, kind)
+        if self.hparams.resample_every == 1:
+            self.sketch_u = self.sketch_p
+            return True
+        if self.step_count % self.hparams.resample_every != 0:
+            return False
+        self.sketch_u = Sketch.sample(self.params, rank, self.generator, kind)
         return True
 
     def begin_step(self) -> bool:
-        """Call once per optimizer step before any term; returns True when new sketches were drawn."""
+        """Call once per optimizer step before any term; returns True when the lower subspace U changed."""
         return self._resample_if_due()
 
     def end_step(self) -> None:
@@ -131,19 +141,18 @@ class BilevelEngine:
 
     # -- terms ----------------------------------------------------------------------------------
     def lower_terms(self, lower_loss_fn: LowerLossFn, *, need_upper: bool = True) -> LowerPassResult:
-        """Pᵀ∇g, Pᵀ H Q Qᵀ z and ∂_λ⟨∇_θ g, S_P z⟩ on one lower batch, at the current iterates."""
+        """Uᵀ∇g, Pᵀ H S_Q z and ∂_λ⟨∇_θ g, S_Q z⟩ on one lower batch, at the current iterates."""
         direction = SubspaceVector(self.sketch_q, self.sketch_q.reduce(self.z)) if need_upper else None
-        cross_vector = SubspaceVector(self.sketch_p, self.sketch_p.reduce(self.z)) if need_upper else None
         return lower_pass(
             lower_loss_fn,
             self.upper.logits,
             self.params,
             self.sketch_p,
             direction=direction,
-            cross_vector=cross_vector,
+            with_cross=need_upper,
+            lower_sketch=self.sketch_u,
             mode=self.hparams.hessian_mode,
             fd_eps=self.hparams.fd_eps,
-            fd_eps_cross=self.hparams.fd_eps_cross,
             perturber=self.perturber,
         )
 
@@ -160,7 +169,9 @@ class BilevelEngine:
         return gamma
 
     @torch.no_grad()
-    def update_auxiliary(self, hessian_action: Mapping[str, Tensor], upper_grad: Mapping[str, Tensor]) -> None:
+    def update_auxiliary(
+        self, hessian_action: Mapping[str, Tensor], upper_grad: Mapping[str, Tensor]
+    ) -> None:
         """z ← Π_R(z − γ_n P (Pᵀ H Q Qᵀ z − Pᵀ∇f)); all arguments are P-coordinates."""
         for name, z in self.z.items():
             residual = hessian_action[name].float() - upper_grad[name].float()
@@ -180,10 +191,10 @@ class BilevelEngine:
 
     @torch.no_grad()
     def apply_coordinates(self, deltas: Mapping[str, Tensor]) -> None:
-        """θ ← θ + P Δa for each tensor (the lower update, Δa from any optimizer in coordinates)."""
+        """θ ← θ + U Δa for each tensor (the lower update, Δa from any optimizer in U's coordinates)."""
         for name, delta in deltas.items():
             param = self.params[name]
-            param.add_(self.sketch_p.expand_one(name, delta, param.shape).to(param.dtype))
+            param.add_(self.sketch_u.expand_one(name, delta, param.shape).to(param.dtype))
 
     # -- whole step (custom loops) --------------------------------------------------------------
     def step(
@@ -192,7 +203,7 @@ class BilevelEngine:
         upper_loss_fn: LossFn,
         lower_lr: float,
     ) -> StepStatistics:
-        """One BROS/MA-SOBA step with SGD on the lower level (θ ← θ − β S_P ∇g)."""
+        """One BROS/MA-SOBA step with SGD on the lower level (θ ← θ − β S_U ∇g)."""
         self.begin_step()
         lower = self.lower_terms(lower_loss_fn)
         upper_loss, upper_grad = self.upper_terms(upper_loss_fn)
@@ -220,6 +231,7 @@ class BilevelEngine:
             "upper": self.upper.state_dict(),
             "sketch_p": self.sketch_p.state_dict(),
             "sketch_q": self.sketch_q.state_dict(),
+            "sketch_u": self.sketch_u.state_dict(),
             "generator": self.generator.get_state(),
             "step_count": torch.tensor(self.step_count, dtype=torch.int64),
             "hparams": {k: v for k, v in asdict(self.hparams).items() if v is not None},
@@ -234,17 +246,33 @@ class BilevelEngine:
             if k != "upper_warmup_steps" and saved.get(k) != current.get(k)
         }
         if differing:
-            details = ", ".join(f"{k}: checkpoint={a!r} vs now={b!r}" for k, (a, b) in sorted(differing.items()))
-            raise ValueError(f"Refusing to resume bilevel state written by a different configuration ({details}).")
+            details = ", ".join(
+                f"{k}: checkpoint={a!r} vs now={b!r}" for k, (a, b) in sorted(differing.items())
+            )
+            raise ValueError(
+                f"Refusing to resume bilevel state written by a different configuration ({details})."
+            )
         missing = set(self.z) ^ set(state["z"])
         if missing:
-            raise ValueError(f"Bilevel checkpoint does not match the trainable parameters: {sorted(missing)[:5]}.")
+            raise ValueError(
+                f"Bilevel checkpoint does not match the trainable parameters: {sorted(missing)[:5]}."
+            )
         for name, z in self.z.items():
             z.copy_(state["z"][name])
         self.upper.load_state_dict(state["upper"])
         names = list(self.params)
-        self.sketch_p = Sketch.from_state_dict(names, state["sketch_p"]).to(next(iter(self.z.values())).device)
-        self.sketch_q = Sketch.from_state_dict(names, state["sketch_q"]).to(next(iter(self.z.values())).device)
+        self.sketch_p = Sketch.from_state_dict(names, state["sketch_p"]).to(
+            next(iter(self.z.values())).device
+        )
+        self.sketch_q = Sketch.from_state_dict(names, state["sketch_q"]).to(
+            next(iter(self.z.values())).device
+        )
+        if self.hparams.resample_every == 1:
+            self.sketch_u = self.sketch_p
+        else:
+            self.sketch_u = Sketch.from_state_dict(names, state["sketch_u"]).to(
+                next(iter(self.z.values())).device
+            )
         self.generator.set_state(state["generator"])
         self.step_count = int(state["step_count"])
 

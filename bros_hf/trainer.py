@@ -4,7 +4,7 @@ The lower level is the model's trainable parameters θ (with PEFT, the adapters)
 is a domain mixture or per-example weights (:mod:`bros_hf.upper`). Each optimizer step
 (``gradient_accumulation_steps`` micro-batches) runs, through :class:`~bros_hf.solver.BilevelEngine`:
 
-- on every micro-batch ξ: Pᵀ∇g, Pᵀ H Q Qᵀ z and ∂_λ⟨∇_θ g, S_P z⟩ (one lower pass), and on an
+- on every micro-batch ξ: Pᵀ∇g, Pᵀ H Q Qᵀ z and ∂_λ⟨∇_θ g, S_Q z⟩ (one lower pass), and on an
   upper micro-batch ζ from the endless upper stream: Pᵀ∇f; all averaged over micro-batches;
 - at the accumulation boundary: an all-reduce (mean over processes) of these small tensors, then
   z ← Π_R(z − γ_n P(·)), h and λ (MA-SOBA), and the lower update through the Trainer's optimizer,
@@ -17,11 +17,15 @@ all-reduce full gradients, and DDP/compile break double backward (DESIGN.md §4)
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import math
 import os
+import re
+import shutil
 import warnings
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,8 +34,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 
-from bros_hf.callbacks import BilevelExportCallback, write_json_atomic
+from bros_hf.callbacks import BilevelExportCallback, save_plot, write_json_atomic
 from bros_hf.config import BROSConfig
 from bros_hf.data import (
     KEY_COLUMN,
@@ -45,8 +52,13 @@ from bros_hf.losses import per_example_losses
 from bros_hf.lowrank import LowRankPerturber
 from bros_hf.solver import BilevelEngine
 from bros_hf.upper import DomainMixture, SampleWeights, UpperVariable
+from bros_hf.validation import DomainPresenceMonitor, LabelSpace, check_subspace_coverage
 
 STATE_FILE = "bros_state_rank{rank}.pt"
+# Checkpoints are written under this prefix and renamed when complete: "tmp-checkpoint-N" never matches
+# transformers' ^checkpoint-(\d+)$, so get_last_checkpoint, sort_checkpoints and rotation never see it.
+STAGING_PREFIX = "tmp-"
+_STAGING_FOLDER = re.compile(rf"^{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-\d+(\.replaced)?$")
 
 
 class BROSTrainer(Trainer):
@@ -90,6 +102,8 @@ class BROSTrainer(Trainer):
         )
         self._check_backend()
         self._train_keys = self._read_keys(keyed_train)
+        self._label_space = self._check_label_space(train_dataset, upper_dataset)
+        self._domain_monitor = self._build_domain_monitor()
         self.upper = self._build_upper_variable(upper_dataset)
         self.upper_stream = UpperStream(
             self._prepare_upper_dataset(upper_dataset),
@@ -99,7 +113,12 @@ class BROSTrainer(Trainer):
             rank=args.process_index,
             world_size=args.world_size,
         )
-        self.data_collator = KeyedCollator(self.data_collator, drop=self._dropped_columns())
+        self.data_collator = KeyedCollator(
+            self.data_collator,
+            drop=self._dropped_columns(),
+            # The Trainer's eval loader collates with this one too.
+            check=functools.partial(self._label_space.check_batch, where="training (or evaluation) set"),
+        )
         self.engine: BilevelEngine | None = None
         self._coordinates: dict[str, nn.Parameter] = {}
         self._accumulated: dict[str, Any] = {}
@@ -116,6 +135,23 @@ class BROSTrainer(Trainer):
                 "FSDP and DeepSpeed are not supported by BROSTrainer (parameters are sharded or freed after "
                 "backward, which breaks the second-order passes). Use DDP: accelerate launch --multi_gpu."
             )
+
+    def _check_label_space(self, train_dataset: Any, upper_dataset: Any) -> LabelSpace:
+        """Refuse labels / token ids outside the model's label space now, for whole ``datasets``
+        columns; the returned space also checks every collated batch. A custom per_example_loss
+        defines its own label semantics, so then only input_ids are checked."""
+        default_loss = type(self).per_example_loss is BROSTrainer.per_example_loss
+        space = LabelSpace.of(self.model, check_labels=default_loss)
+        space.check_dataset(train_dataset, "training set")
+        space.check_dataset(upper_dataset, "upper (target) set")
+        return space
+
+    def _build_domain_monitor(self) -> DomainPresenceMonitor | None:
+        if self.args.upper_level != "domain":
+            return None
+        args = self.args
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        return DomainPresenceMonitor(self.domains, per_step, balanced=args.balanced_domain_batches)
 
     @staticmethod
     def _read_keys(dataset: Any) -> list[int]:
@@ -142,7 +178,10 @@ class BROSTrainer(Trainer):
 
     def _prepare_upper_dataset(self, dataset: Any) -> Any:
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-            raise ValueError("upper_dataset must be map-style (support len() and [i]).")
+            raise ValueError(
+                f"upper_dataset must be map-style (support len() and [i]), got {type(dataset).__name__}. "
+                "Materialise it first, e.g. datasets.Dataset.from_generator(lambda: (yield from ds))."
+            )
         if len(dataset) == 0:
             raise ValueError("The upper (target) set is empty: pass a non-empty upper_dataset.")
         if hasattr(dataset, "column_names"):
@@ -154,7 +193,8 @@ class BROSTrainer(Trainer):
         collator = self.data_collator
         if not hasattr(upper_dataset, "column_names"):
             collator = self._get_collator_with_removed_columns(collator, description="upper")
-        return KeyedCollator(collator, drop=self._dropped_columns())
+        check = functools.partial(self._label_space.check_batch, where="upper (target) set")
+        return KeyedCollator(collator, drop=self._dropped_columns(), check=check)
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None and hasattr(self.model, "_orig_mod"):
@@ -193,6 +233,7 @@ class BROSTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         params = self._trainable_parameters()
+        check_subspace_coverage(params, self.args.subspace_rank, self.args.bilevel_method)
         self.engine = BilevelEngine(
             params,
             self.upper,
@@ -200,7 +241,7 @@ class BROSTrainer(Trainer):
             seed=self.args.seed,
             perturber=LowRankPerturber(self._bilevel_model()),
         )
-        shapes = {n: self.engine.sketch_p.coordinate_shape(n, p) for n, p in params.items()}
+        shapes = {n: self.engine.sketch_u.coordinate_shape(n, p) for n, p in params.items()}
         self._coordinates = {
             n: nn.Parameter(torch.zeros(shapes[n], device=p.device, dtype=torch.float32)) for n, p in params.items()
         }
@@ -227,10 +268,10 @@ class BROSTrainer(Trainer):
             coordinate.zero_()
 
     def _reset_subspace_optimizer_state(self) -> None:
-        """New sketches: coordinates of sketched tensors now mean something else; drop their state."""
+        """A new lower subspace U: coordinates of sketched tensors now mean something else; drop their state."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         for name, coordinate in self._coordinates.items():
-            if self.engine.sketch_p.matrices[name] is not None:
+            if self.engine.sketch_u.matrices[name] is not None:
                 inner.state.pop(coordinate, None)
 
     def _clip_grad_norm(self, model: nn.Module) -> Tensor:
@@ -291,6 +332,8 @@ class BROSTrainer(Trainer):
             "cross": {"cross": lower.cross},
             "losses": {"lower": lower.loss.reshape(1).float(), "upper": upper_loss.reshape(1).float()},
         }
+        if self._domain_monitor is not None:  # all-reduced with the rest: presence counts over all processes
+            terms["domain_counts"] = {"counts": torch.bincount(keys, minlength=len(self.domains))}
         for group, tensors in terms.items():
             acc = self._accumulated.setdefault(group, {})
             for name, value in tensors.items():
@@ -323,12 +366,19 @@ class BROSTrainer(Trainer):
         engine = self.engine
         lower_loss = float(acc["losses"]["lower"])
         upper_loss = float(acc["losses"]["upper"])
-        finite = math.isfinite(lower_loss) and math.isfinite(upper_loss) and all(
-            bool(torch.isfinite(t).all()) for group in ("grad", "hessian_action", "upper_grad", "cross")
-            for t in acc[group].values()
+        finite = (
+            math.isfinite(lower_loss)
+            and math.isfinite(upper_loss)
+            and all(
+                bool(torch.isfinite(t).all())
+                for group in ("grad", "hessian_action", "upper_grad", "cross")
+                for t in acc[group].values()
+            )
         )
         hypergradient = -acc["cross"]["cross"]
         self._skip_lower = not finite
+        if self._domain_monitor is not None:
+            self._domain_monitor.observe(acc["domain_counts"]["counts"], step=self.state.global_step + 1)
         if finite:
             engine.update_auxiliary(acc["hessian_action"], acc["upper_grad"])
             engine.update_upper(hypergradient)
@@ -336,8 +386,10 @@ class BROSTrainer(Trainer):
                 coordinate.grad = acc["grad"][name].to(coordinate.dtype)
         else:
             warnings.warn(
-                f"Non-finite bilevel quantities at step {self.state.global_step} (lower loss {lower_loss}, upper "
-                f"loss {upper_loss}): skipping the lower, auxiliary and upper updates of this step.",
+                f"Non-finite bilevel quantities at optimizer step {self.state.global_step + 1} (lower loss "
+                f"{lower_loss}, upper loss {upper_loss}): skipping the lower, auxiliary and upper updates of this "
+                "step. Look for NaN/inf in that step's training or upper batch; if the losses overflow, lower "
+                "learning_rate / aux_learning_rate or train in bf16 instead of fp16.",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -403,6 +455,102 @@ class BROSTrainer(Trainer):
             "domains": list(self.domains or []),
         }
 
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """``Trainer._save_checkpoint`` made atomic: write ``tmp-checkpoint-N``, rename it ``checkpoint-N``.
+
+        transformers (5.x) writes ``checkpoint-N`` in place and has no atomic save: a process killed
+        mid-save leaves a half-written folder that ``get_last_checkpoint`` resumes from. So this is
+        the same sequence of steps, hand-written, into a staging folder that only becomes
+        ``checkpoint-N`` (one ``os.replace`` by the saving process) once every rank has written its
+        files. Before anything is written, the ranks must agree bit for bit on λ, h, z and θ.
+        """
+        self._check_ranks_agree()
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        run_dir = self._get_output_dir(trial=trial)
+        final_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        staging_dir = os.path.join(run_dir, STAGING_PREFIX + os.path.basename(final_dir))
+        if self.args.should_save:
+            remove_staging_folders(run_dir)  # left by a crashed save; nobody writes into them now
+        self.accelerator.wait_for_everyone()
+        self._track_best_checkpoint(run_dir)
+        self._write_checkpoint(staging_dir)
+        self.accelerator.wait_for_everyone()  # every rank's files are in the staging folder
+        if self.args.should_save:
+            publish_folder(staging_dir, final_dir)
+        self.accelerator.wait_for_everyone()  # nobody rotates, pushes or reads before the rename
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final_dir)
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    def _write_checkpoint(self, output_dir: str) -> None:
+        """Every file of a checkpoint, as ``Trainer._save_checkpoint`` writes them, plus the learned weights."""
+        self.save_model(output_dir, _internal_call=True)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(output_dir)
+            self._save_scaler(output_dir)
+            self._save_rng_state(output_dir)
+        if self.args.should_save:
+            self._store_callback_states()
+            self.state.save_to_json(os.path.join(output_dir, TRAINER_STATE_NAME))
+            if self.engine is not None:
+                self.export_weights(output_dir)
+                save_plot(self, output_dir)
+
+    def _track_best_checkpoint(self, run_dir: str) -> None:
+        """As the Trainer does, but by final folder name: the current step's folder does not exist yet."""
+        best_step = self.state.best_global_step
+        saving_steps = (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
+        if not best_step or self.args.save_strategy not in saving_steps:
+            return
+        best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")
+        if best_step == self.state.global_step or os.path.exists(best_dir):
+            self.state.best_model_checkpoint = best_dir
+
+    def _store_callback_states(self) -> None:
+        """As the Trainer does: record stateful callbacks (and the TrainerControl) in the trainer state."""
+        candidates = [*self.callback_handler.callbacks, self.control]
+        for callback in (cb for cb in candidates if isinstance(cb, ExportableState)):
+            name = callback.__class__.__name__
+            if isinstance(self.state.stateful_callbacks[name], list):
+                self.state.stateful_callbacks[name].append(callback.state())
+            else:
+                self.state.stateful_callbacks[name] = callback.state()
+
+    def _consistency_fingerprints(self) -> dict[str, dict[str, str]]:
+        """SHA-256 per tensor of λ, h, z and θ (trainable parameters), keyed by quantity then tensor name."""
+        quantities = {
+            "λ (upper.logits)": {"logits": self.upper.logits},
+            "h (upper.momentum)": {"momentum": self.upper.momentum},
+            "z (engine.z)": self.engine.z,
+            "θ (trainable parameters)": self.engine.params,
+        }
+        return {q: {n: tensor_digest(t) for n, t in tensors.items()} for q, tensors in quantities.items()}
+
+    def _check_ranks_agree(self) -> None:
+        """Raise if λ, h, z or θ differ in any bit across processes (no-op on one process).
+
+        Every update is computed from all-reduced quantities, so any difference is a bug (or a
+        non-deterministic kernel); a checkpoint saved then would resume each rank differently.
+        Every rank receives all fingerprints and raises the same error, so none waits in a barrier.
+        """
+        if self.engine is None or self.accelerator.num_processes == 1:
+            return
+        gathered: list[Any] = [None] * self.accelerator.num_processes
+        dist.all_gather_object(gathered, self._consistency_fingerprints())
+        mismatches = rank_mismatches(gathered)
+        if mismatches:
+            raise RuntimeError(
+                f"Cross-rank consistency check failed at step {self.state.global_step}; no checkpoint was saved "
+                "for this step. " + " ".join(mismatches)
+            )
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         os.makedirs(output_dir, exist_ok=True)
@@ -429,7 +577,8 @@ class BROSTrainer(Trainer):
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # truncated or tampered files: say which file, never unpickle code
             raise ValueError(f"Cannot read bilevel state {path}: {error}") from error
-        if state["upper_level"] != self.args.upper_level or list(state["domains"]) != list(self.domains or []):
+        domains = list(self.domains or [])
+        if state["upper_level"] != self.args.upper_level or list(state["domains"]) != domains:
             raise ValueError(
                 f"Refusing to resume: the checkpoint has upper_level={state['upper_level']!r}, domains="
                 f"{state['domains']}, this run has upper_level={self.args.upper_level!r}, domains={self.domains}."
@@ -457,3 +606,59 @@ class BROSTrainer(Trainer):
         write_json_atomic(path, payload)
         return path
 
+
+def tensor_digest(tensor: Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and raw bytes: equal digests mean bit-identical tensors."""
+    flat = tensor.detach().contiguous().reshape(-1).cpu()
+    digest = hashlib.sha256(f"{flat.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def rank_mismatches(fingerprints: Sequence[Mapping[str, Mapping[str, str]]], shown: int = 3) -> list[str]:
+    """One sentence per quantity whose tensors differ across ranks, naming the tensors and the ranks.
+
+    ``fingerprints[rank][quantity][tensor name]`` is a digest; ranks are grouped by equal digests,
+    e.g. "z (engine.z) differs across ranks: net.0.weight (ranks [0] vs [1])".
+    """
+    sentences = []
+    for quantity in fingerprints[0]:
+        names = dict.fromkeys(name for ranks in fingerprints for name in ranks[quantity])
+        differing = []
+        for name in names:
+            groups: dict[str | None, list[int]] = defaultdict(list)
+            for rank, ranks in enumerate(fingerprints):
+                groups[ranks[quantity].get(name)].append(rank)
+            if len(groups) > 1:
+                differing.append(f"{name} (ranks " + " vs ".join(str(r) for r in groups.values()) + ")")
+        if differing:
+            more = f" and {len(differing) - shown} more tensors" if len(differing) > shown else ""
+            sentences.append(f"{quantity} differs across ranks: {', '.join(differing[:shown])}{more}.")
+    return sentences
+
+
+def remove_staging_folders(run_dir: str) -> None:
+    """Delete ``tmp-checkpoint-*`` folders: leftovers of saves that crashed before their rename."""
+    if not os.path.isdir(run_dir):
+        return
+    for name in os.listdir(run_dir):
+        path = os.path.join(run_dir, name)
+        if _STAGING_FOLDER.match(name) and os.path.isdir(path):
+            shutil.rmtree(path)
+
+
+def publish_folder(staging_dir: str, final_dir: str) -> None:
+    """Rename a complete staging folder to its final name, replacing an existing folder of that name.
+
+    ``os.replace`` cannot replace a non-empty folder, so an existing one (a re-run of the same step
+    after resuming from an earlier checkpoint) is first renamed aside, under a staging name, and
+    deleted last: at every instant ``final_dir`` is absent or a complete checkpoint.
+    """
+    if os.path.isdir(final_dir):
+        aside = f"{staging_dir}.replaced"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final_dir, aside)
+        os.replace(staging_dir, final_dir)
+        shutil.rmtree(aside)
+    else:
+        os.replace(staging_dir, final_dir)

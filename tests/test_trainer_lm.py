@@ -7,9 +7,10 @@ import math
 import datasets
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from bros_hf import BROSTrainer
+from tests import toy
 from tests.test_trainer import make_args
 
 VOCAB, LENGTH = 64, 24
@@ -35,17 +36,7 @@ def token_domains() -> tuple[datasets.Dataset, datasets.Dataset]:
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+    return toy.tiny_llama(vocab=VOCAB, hidden=32, layers=2, heads=4, kv_heads=2)
 
 
 def lm_args(tmp_path, **overrides):

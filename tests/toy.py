@@ -23,7 +23,9 @@ class TinyClassifier(nn.Module):
         return out
 
 
-def three_domain_toy(n_per_domain: int = 256, n_target: int = 256, dim: int = 16, classes: int = 4, seed: int = 0):
+def three_domain_toy(
+    n_per_domain: int = 256, n_target: int = 256, dim: int = 16, classes: int = 4, seed: int = 0
+):
     """Domain A: y = argmax(W x); B: labels unrelated to x; C: A with permuted labels.
 
     Returns (train, target) ``datasets.Dataset`` with columns features, labels, domain; the target
@@ -49,5 +51,26 @@ def three_domain_toy(n_per_domain: int = 256, n_target: int = 256, dim: int = 16
             "domain": ["A"] * n_per_domain + ["B"] * n_per_domain + ["C"] * n_per_domain,
         }
     )
-    target = datasets.Dataset.from_dict({"features": xt.tolist(), "labels": yt.tolist(), "domain": ["A"] * n_target})
+    target = datasets.Dataset.from_dict(
+        {"features": xt.tolist(), "labels": yt.tolist(), "domain": ["A"] * n_target}
+    )
     return train.with_format("torch"), target.with_format("torch")
+
+
+def tiny_llama(
+    vocab: int = 32, hidden: int = 16, layers: int = 1, heads: int = 2, kv_heads: int = 1, seed: int = 0
+):
+    """A randomly initialised Llama causal LM (SwiGLU MLP of width 2·hidden, 64 positions), seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)
