@@ -216,6 +216,12 @@ def markdown(
             f"- Step time: median wall clock of one optimizer step (callback on_step_begin → on_step_end) after "
             f"{ok[0]['timing_warmup']} warm-up steps; `cpu` = median process CPU time (robust to other load on the machine)."
         )
+        if settings.get("timing_size"):
+            lines.append(
+                f"- At {settings['timing_size']} (where the time targets are read) step times come from a second run "
+                "of each configuration without MALLOC_MMAP_THRESHOLD_, which slows allocation-heavy steps; other "
+                "sizes' times include that slowdown."
+            )
         lines.append(
             f"- Setting: profile `{settings.get('profile')}`, device `{settings.get('device')}`, "
             f"batch {settings.get('batch_size')}, AdamW lr {settings.get('lr')} (lower level; BROS/MA-SOBA keep it in "

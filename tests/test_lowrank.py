@@ -19,9 +19,11 @@ def flat(tensors):
     return torch.cat([t.flatten() for t in tensors.values()])
 
 
+@pytest.mark.parametrize("separate_lower", [False, True], ids=["U=P", "U!=P"])
 @pytest.mark.parametrize("mode", ["autograd", "finite_difference"])
-def test_hooks_match_materialised_perturbation(mode):
-    """GPT-2 has Conv1D, tied Embedding/Linear and full-space norms/biases: all three paths."""
+def test_hooks_match_materialised_perturbation(mode, separate_lower):
+    """GPT-2 has Conv1D, tied Embedding/Linear and full-space norms/biases: all three paths, with the
+    lower gradient in P's subspace or in its own U (two probes, fused into one node for Linear)."""
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -35,6 +37,7 @@ def test_hooks_match_materialised_perturbation(mode):
 
     generator = torch.Generator().manual_seed(0)
     sketch_p, sketch_q = Sketch.sample(params, 8, generator), Sketch.sample(params, 8, generator)
+    sketch_u = Sketch.sample(params, 8, generator) if separate_lower else None
     z = {n: torch.randn_like(p) * 0.01 for n, p in params.items()}
     hooks = LowRankPerturber(model)
     assert "transformer.wte.weight" in hooks.modules and len(hooks.modules["transformer.wte.weight"]) == 2
@@ -49,6 +52,7 @@ def test_hooks_match_materialised_perturbation(mode):
                     sketch_p,
                     direction=SubspaceVector(sketch_q, sketch_q.reduce(z)),
                     with_cross=True,
+                    lower_sketch=sketch_u,
                     mode=mode,
                     perturber=perturber,
                 )
