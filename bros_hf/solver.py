@@ -207,8 +207,8 @@ class BilevelEngine:
         self.begin_step()
         lower = self.lower_terms(lower_loss_fn)
         upper_loss, upper_grad = self.upper_terms(upper_loss_fn)
-        finite = bool(torch.isfinite(lower.loss)) and bool(torch.isfinite(upper_loss))
-        finite = finite and all(bool(torch.isfinite(g).all()) for g in lower.grad.values())
+        terms = [lower.loss, upper_loss, lower.cross, *lower.grad.values(), *lower.hessian_action.values()]
+        finite = all(bool(torch.isfinite(t).all()) for t in [*terms, *upper_grad.values()])
         hypergradient = -lower.cross
         if finite:
             self.update_auxiliary(lower.hessian_action, upper_grad)

@@ -354,6 +354,21 @@ def test_bilevel_ridge_converges_to_closed_form(method):
     assert float((params["theta"][0] - theta_star).norm() / theta_star.norm()) < 0.01
 
 
+def test_engine_step_skips_when_any_term_is_non_finite():
+    # f(θ) = Σ sqrt|θ| is finite at θ = 0 but its gradient is not: the step must be skipped (not only
+    # when a loss or the lower gradient is non-finite), leaving z, λ, h and θ untouched.
+    problem = _RidgeProblem()
+    upper = _LogRegularisation(1, init_logit=1.0)
+    params = {"theta": torch.zeros(1, problem.dim)}
+    engine = BilevelEngine(
+        params, upper, BilevelHyperparameters(rank=8, hessian_mode="finite_difference"), seed=0
+    )
+    stats = engine.step(problem.lower, lambda p: p["theta"].abs().sqrt().sum(), 0.08)
+    assert stats.skipped and math.isfinite(stats.upper_loss)
+    assert all(bool(torch.isfinite(z).all()) for z in engine.z.values())
+    assert float(upper.logits[0]) == 1.0 and not bool(params["theta"].any())
+
+
 def test_probes_are_fresh_every_step_and_the_lower_subspace_every_T_steps():
     # resample_every = T: P and Q (auxiliary probes) are redrawn at every step, U (lower update)
     # only at steps 0, T, 2T...; with T = 1, U is P itself. Resuming from a state_dict restores U.
