@@ -2,15 +2,15 @@
 
 Pure functions on dicts of named tensors (``torch.func.functional_call`` style): no Trainer,
 no module state. Notation (DESIGN.md §1-2): lower loss g(λ, θ), H = ∇²_θθ g, sketches P (the
-update subspace) and Q (the second, independent probe).
+auxiliary update's subspace), Q (the second, independent probe) and U (the lower update's subspace).
 
 Everything goes through one primitive, :func:`lower_pass`, which evaluates g at
 
-    θ + P a + t · d,     d = Q w          (a: r-dim coordinates; t: a scalar; both zero)
+    θ + U b + P a + t · d,     d = Q w    (a, b: r-dim coordinates; t: a scalar; all zero; U = P by default)
 
 and returns, from derivatives at zero,
 
-    ∂g/∂a           = Pᵀ ∇_θ g                       (lower gradient in coordinates)
+    ∂g/∂b           = Uᵀ ∇_θ g                       (lower gradient in coordinates)
     ∂²g/∂a∂t        = Pᵀ H d                         (Hessian action in coordinates)
     ∂²g/∂λ∂t        = ∂_λ ⟨∇_θ g, d⟩                 (cross term along the same direction)
 

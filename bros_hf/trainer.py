@@ -4,11 +4,11 @@ The lower level is the model's trainable parameters θ (with PEFT, the adapters)
 is a domain mixture or per-example weights (:mod:`bros_hf.upper`). Each optimizer step
 (``gradient_accumulation_steps`` micro-batches) runs, through :class:`~bros_hf.solver.BilevelEngine`:
 
-- on every micro-batch ξ: Pᵀ∇g, Pᵀ H Q Qᵀ z and ∂_λ⟨∇_θ g, S_Q z⟩ (one lower pass), and on an
+- on every micro-batch ξ: Uᵀ∇g, Pᵀ H Q Qᵀ z and ∂_λ⟨∇_θ g, S_Q z⟩ (one lower pass), and on an
   upper micro-batch ζ from the endless upper stream: Pᵀ∇f; all averaged over micro-batches;
 - at the accumulation boundary: an all-reduce (mean over processes) of these small tensors, then
   z ← Π_R(z − γ_n P(·)), h and λ (MA-SOBA), and the lower update through the Trainer's optimizer,
-  which holds its state in the r-dim coordinates a and is folded into θ ← θ + P Δa after each step.
+  which holds its state in the r-dim coordinates a of U and is folded into θ ← θ + U Δa after each step.
 
 The extra passes run on the unwrapped model (no DDP, no torch.compile wrapper): DDP's hooks would
 all-reduce full gradients, and DDP/compile break double backward (DESIGN.md §4).
@@ -256,7 +256,7 @@ class BROSTrainer(Trainer):
 
     @torch.no_grad()
     def _fold_coordinates(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        """After the optimizer moved the coordinates a from 0: θ ← θ(1 − lr·wd) + P a, then a ← 0."""
+        """After the optimizer moved the coordinates a from 0: θ ← θ(1 − lr·wd) + U a, then a ← 0."""
         if self._skip_lower:
             return
         lr = optimizer.param_groups[0]["lr"]
