@@ -297,7 +297,12 @@ class BROSTrainer(Trainer):
     def _losses(self, params: Mapping[str, Tensor], inputs: Mapping[str, Any]) -> Tensor:
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", KEY_COLUMN)}
         if "labels" not in inputs:
-            raise ValueError("Bilevel training needs `labels` in every batch (for g and f).")
+            raise ValueError(
+                "Bilevel training needs `labels` in every training and upper batch (per-example losses for g and "
+                f"f); this batch has {sorted(k for k in inputs if k != KEY_COLUMN)}. Add a labels column (causal LM: "
+                "labels = input_ids, e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)) or a collator that "
+                "builds it."
+            )
         with self.compute_loss_context_manager():
             outputs = functional_call(self._bilevel_model(), dict(params), args=(), kwargs=model_inputs, strict=False)
         return self.per_example_loss(outputs, inputs["labels"])

@@ -483,3 +483,10 @@ def test_hessian_mode_auto_picks_finite_differences_only_in_fp32(tmp_path, preci
     assert args.hessian_mode == expected
     assert args.bilevel_hyperparameters().hessian_mode == expected
     assert make_args(tmp_path, hessian_mode="autograd", **precision).hessian_mode == "autograd"
+
+
+def test_batches_without_labels_name_the_fix(tmp_path, toy):
+    train_ds, target_ds = toy
+    unlabeled = target_ds.remove_columns("labels")
+    with pytest.raises(ValueError, match=r"needs `labels` in every training and upper batch.*Add a labels column"):
+        train(make_args(tmp_path, max_steps=1), train_ds, unlabeled)
