@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from bros_hf.estimators import DEFAULT_FD_EPS
 from bros_hf.solver import BilevelHyperparameters
 
 SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop")
@@ -79,7 +80,7 @@ class BROSConfig(TrainingArguments):
         },
     )
     finite_difference_eps: float = field(
-        default=2e-3,
+        default=DEFAULT_FD_EPS,
         metadata={
             "help": "hessian_mode='finite_difference': the passes at θ ± δd use δ‖d‖ = eps · max(‖θ‖, 1). They give "
             "the Hessian action (differences of gradients) and the cross term (differences of losses) at once."

@@ -38,6 +38,8 @@ from torch import Tensor
 from bros_hf.sketch import Sketch, SketchKind
 
 HessianMode = Literal["autograd", "finite_difference"]
+# Relative finite-difference step δ‖d‖ / max(‖θ‖, 1); see _lower_pass_finite_difference for why 2e-3.
+DEFAULT_FD_EPS = 2e-3
 LossFn = Callable[[dict[str, Tensor]], Tensor]
 LowerLossFn = Callable[[Tensor, dict[str, Tensor]], Tensor]
 
@@ -136,7 +138,7 @@ def lower_pass(
     with_cross: bool = False,
     lower_sketch: Sketch | None = None,
     mode: HessianMode = "autograd",
-    fd_eps: float = 2e-3,
+    fd_eps: float = DEFAULT_FD_EPS,
     perturber: Perturber | None = None,
 ) -> LowerPassResult:
     """One lower-batch evaluation: Uᵀ∇g, Pᵀ H d and ∂_λ⟨∇_θ g, d⟩ at (λ, θ).
@@ -227,11 +229,14 @@ def _first_order(
     sketches: list[Sketch],
     shifts,
     perturber,
-    rng: _CommonRandomNumbers,
+    rng: _CommonRandomNumbers | None,
     with_lambda: bool,
 ) -> tuple[Tensor, list[dict[str, Tensor]], Tensor | None]:
-    """(g, [Bᵀ∇_θ g for each sketch B], ∇_λ g) at θ + Σ shifts with one plain backward (θ is a constant)."""
-    rng.replay()
+    """(g, [Bᵀ∇_θ g for each sketch B], ∇_λ g) at θ + Σ shifts with one plain backward (θ is a constant).
+
+    ``rng``: the RNG state to replay first, so passes that are differenced see the same dropout masks."""
+    if rng is not None:
+        rng.replay()
     coords = [sketch.zeros_like(params, requires_grad=True) for sketch in sketches]
     lam_leaf = lam.detach().clone().requires_grad_(with_lambda)
     flat = [c for group in coords for c in group.values()]
@@ -261,8 +266,8 @@ def _lower_pass_finite_difference(
     a direction (or with d = 0) it is one plain gradient pass at θ.
 
     Step size: a common ``fd_eps`` = 2e-3 (δ‖d‖ relative to max(‖θ‖, 1)). Measured in float32
-    against double backward on 2-layer GPT-2 and Llama models (tests/test_lowrank.py), over eps
-    from 2e-4 to 2e-2: the gradient and Hessian action errors grow like eps² (≈1e-4 relative at
+    against double backward on 2-layer GPT-2 and Llama models over eps from 2e-4 to 2e-2 (the
+    default is checked in tests/test_lowrank.py): the gradient and Hessian action errors grow like eps² (≈1e-4 relative at
     2e-3, 2e-3 at 1e-2); the cross term, which differences loss values, is dominated by round-off
     below 1e-3 (2e-2-7e-2 at 2e-4, 0.9e-3-3e-3 at 2e-3).
     """
@@ -311,7 +316,7 @@ def hessian_action(
     generator: torch.Generator | None = None,
     mode: HessianMode = "autograd",
     sketch: SketchKind = "rademacher",
-    fd_eps: float = 2e-3,
+    fd_eps: float = DEFAULT_FD_EPS,
 ) -> dict[str, Tensor]:
     """Estimate the Hessian action H v, H = ∇²_θθ loss_fn(θ), returned with ``params``' shapes.
 
@@ -356,7 +361,7 @@ def cross_term(
     vector: Mapping[str, Tensor],
     *,
     mode: HessianMode = "autograd",
-    fd_eps: float = 2e-3,
+    fd_eps: float = DEFAULT_FD_EPS,
 ) -> Tensor:
     """∂_λ ⟨∇_θ g(λ, θ), v⟩ = ∇²_λθ g · v (in BROS, v = S_Q z).
 
@@ -386,7 +391,7 @@ def coordinate_gradient(
         [sketch_p],
         [],
         perturber or MaterializedPerturber(),
-        _CommonRandomNumbers(),
+        None,
         with_lambda=False,
     )
     return loss, grads[0]

@@ -14,9 +14,11 @@ W + w Bᵀ tensor is formed, none is saved for backward, and gradients with resp
 First-order passes also take a *probe*: coordinates a that are zero and only there for ∂g/∂a. Its
 term adds nothing to y and, since a = 0, nothing to ∂g/∂x either, so :class:`_ProbeGradient` skips
 both and computes only ∂g/∂a in backward (Linear: ∂g/∂yᵀ (x B); Conv1D: xᵀ (∂g/∂y B); Embedding:
-rows of ∂g/∂y B added at the ids). That saves four thin matrix products per layer and pass. Tensors not used that way (biases, norms,
-convolutions, parameters used directly in a forward, full-space tensors) are materialised as in
-:class:`~bros_hf.estimators.MaterializedPerturber`; they are small or unsketched.
+rows of ∂g/∂y B added at the ids), saving the output-size product (x B) aᵀ and the backward through it.
+
+Tensors not used that way (biases, norms, convolutions, parameters used directly in a forward,
+full-space tensors) are materialised as in :class:`~bros_hf.estimators.MaterializedPerturber`; they
+are small or unsketched.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ draws independent Rademacher (or Gaussian) P, Q every step from a seeded CPU gen
 every process: each auxiliary step is then the unbiased bi-probe step the method analyses. The
 lower update runs in U = P when ``resample_every`` = 1 (the analysed method), else in its own
 subspace U, redrawn every ``resample_every`` steps: the lower optimizer (e.g. Adam) keeps its state
-in U's coordinates between redraws, which it needs to make progress (see the README's numbers). γ_n = γ · r / n for a tensor sketched along a dimension of
-size n (``aux_step_scaling="rank_ratio"``, the default) because the variance of S_P H S_Q grows
-like (n / r)²; full-space tensors use γ. All terms of a step use the iterates (θ_k, z_k, λ_k).
+in U's coordinates between redraws, which it needs to make progress (see the README's numbers).
+γ_n = γ · r / n for a tensor sketched along a dimension of size n (``aux_step_scaling="rank_ratio"``,
+the default) because the variance of S_P H S_Q grows like (n / r)²; full-space tensors use γ. All terms of a step use the iterates (θ_k, z_k, λ_k).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from bros_hf.estimators import (
+    DEFAULT_FD_EPS,
     HessianMode,
     LossFn,
     LowerLossFn,
@@ -57,7 +58,7 @@ class BilevelHyperparameters:
     upper_lr: float = 0.1
     ma_weight: float = 0.5
     z_radius: float | None = None
-    fd_eps: float = 2e-3
+    fd_eps: float = DEFAULT_FD_EPS
     upper_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
