@@ -266,10 +266,10 @@ def _lower_pass_finite_difference(
     a direction (or with d = 0) it is one plain gradient pass at θ.
 
     Step size: a common ``fd_eps`` = 2e-3 (δ‖d‖ relative to max(‖θ‖, 1)). Measured in float32
-    against double backward on 2-layer GPT-2 and Llama models over eps from 2e-4 to 2e-2 (the
-    default is checked in tests/test_lowrank.py): the gradient and Hessian action errors grow like eps² (≈1e-4 relative at
-    2e-3, 2e-3 at 1e-2); the cross term, which differences loss values, is dominated by round-off
-    below 1e-3 (2e-2-7e-2 at 2e-4, 0.9e-3-3e-3 at 2e-3).
+    against double backward on a 2-layer Llama (``python -m benchmarks.fd_accuracy``; the default is
+    also checked in tests/test_lowrank.py): the gradient and Hessian action errors grow like eps²
+    (≈1e-4 relative at 2e-3, 2e-3 at 1e-2); the cross term, which differences loss values, is
+    dominated by round-off below 1e-3 (7e-2 at 2e-4, 1e-3-7e-3 at 2e-3).
     """
     rng = _CommonRandomNumbers()
     sketches = _distinct(lower_sketch, sketch_p)

@@ -477,7 +477,7 @@ def test_tampered_checkpoint_state_runs_no_code(tmp_path, toy):
 
 @pytest.mark.parametrize(("precision", "expected"), [({}, "finite_difference"), ({"bf16": True}, "autograd")])
 def test_hessian_mode_auto_picks_finite_differences_only_in_fp32(tmp_path, precision, expected):
-    # Half-precision gradients make central differences mostly round-off (measured: 0.32
+    # Half-precision gradients make central differences mostly round-off (measured: 0.33
     # relative error of the Hessian action in bf16 at eps 2e-3), so "auto" (the default) uses double backward there.
     args = make_args(tmp_path, **precision)
     assert args.hessian_mode == expected
