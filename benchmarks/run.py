@@ -228,8 +228,9 @@ def timed_separately(result: dict[str, Any], spec: dict[str, Any], output_dir: s
     """Replace a CPU memory run's step times by those of a second run without MALLOC_MMAP_THRESHOLD_.
 
     The threshold makes every buffer over 64 KiB a fresh mmap (page faults on first touch, munmap on
-    free): right for peak memory, but it slowed plain steps by ~1.4x and BROS steps by ~1.5x on
-    llama-m, so time ratios are read from a run with glibc's default allocator settings.
+    free): right for peak memory, but it slowed steps 1.2-2x (llama-m: plain 1.75x, bros-r16-fd
+    1.81x, masoba-fd 2.05x; llama-l: plain 1.21x, bros-r16-fd 1.57x), unevenly, so time ratios are
+    read from a run with glibc's default allocator settings.
     """
     timed = run_child(dict(spec, name=spec["name"] + "__timing", eval_every=0), output_dir, timeout, False)
     if result.get("status") != "ok" or timed.get("status") != "ok":
