@@ -12,8 +12,10 @@ Every configuration (model size × method) runs in its own subprocess (``benchma
 
 Methods (same model init, data, batch, lower optimizer AdamW, learning rate and seed):
 ``plain`` (``transformers.Trainer``), ``masoba-{ag,fd}`` (BROSTrainer, bilevel_method="masoba"),
-``bros-r{4,16,64}-{ag,fd}`` (BROSTrainer, subspace_rank r); ``ag``/``fd`` = hessian_mode
-autograd / finite_difference. Data: a synthetic 3-domain task (``benchmarks.data``) in domain mode.
+``bros-r{4,16,64}-{ag,fd}`` (BROSTrainer, subspace_rank r; embeddings take full-space lower updates,
+the package default), ``bros-r16-{ag,fd}-sketchall`` (every matrix in the subspace,
+``lower_full_space_modules=["none"]``), ``bros-r16-{ag,fd}-T1`` (U redrawn every step); ``ag``/``fd`` =
+hessian_mode autograd / finite_difference. Data: a synthetic 3-domain task (``benchmarks.data``) in domain mode.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Method:
     rank: int | None = None
     hessian_mode: str | None = None
     resample_interval: int | None = None  # None: --resample_interval, else the package default
+    lower_full_space_modules: tuple[str, ...] | None = None  # None: the package default (embeddings)
 
 
 def all_methods(ranks=RANKS, modes=("ag", "fd")) -> list[Method]:
@@ -49,6 +52,11 @@ def all_methods(ranks=RANKS, modes=("ag", "fd")) -> list[Method]:
     methods += [Method(f"bros-r{r}-{m}", "bros", r, MODES[m]) for r in ranks for m in modes]
     # The analysed method (lower subspace redrawn every step) next to the default interval.
     methods += [Method(f"bros-r16-{m}-T1", "bros", 16, MODES[m], resample_interval=1) for m in modes]
+    # Every matrix in the subspace, embeddings included (the paper's setting; least memory).
+    methods += [
+        Method(f"bros-r16-{m}-sketchall", "bros", 16, MODES[m], lower_full_space_modules=("none",))
+        for m in modes
+    ]
     return methods
 
 
@@ -57,7 +65,16 @@ METHODS = {m.name: m for m in all_methods()}
 # Profiles: per size, the methods run there ("all" or a list of names) and the number of optimizer steps.
 # Small sizes run long enough for the quality columns (target loss, learned mixture) to mean something;
 # large sizes run a few steps for memory and time. Quality is compared between methods of the same size.
-QUICK_LARGEST = ["plain", "masoba-ag", "masoba-fd", "bros-r4-fd", "bros-r16-ag", "bros-r16-fd", "bros-r64-fd"]
+QUICK_LARGEST = [
+    "plain",
+    "masoba-ag",
+    "masoba-fd",
+    "bros-r4-fd",
+    "bros-r16-ag",
+    "bros-r16-fd",
+    "bros-r16-fd-sketchall",
+    "bros-r64-fd",
+]
 QUICK_SMALL = ["plain", "masoba-fd", "bros-r16-fd"]
 QUICK_QUALITY = [*QUICK_LARGEST, "bros-r16-fd-T1"]
 PROFILES: dict[str, dict[str, Any]] = {
@@ -161,6 +178,7 @@ def make_spec(
         "upper_lr": settings.get("upper_lr"),
         "ma_weight": settings.get("ma_weight"),
         "resample_interval": method.resample_interval or settings.get("resample_interval"),
+        "lower_full_space_modules": list(method.lower_full_space_modules or []) or None,
         "threads": settings.get("threads"),
         "run_dir": os.path.join(output_dir, "trainer_output", name),
     }

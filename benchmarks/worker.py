@@ -249,6 +249,8 @@ def build_trainer(spec: dict[str, Any], model, train_ds, target_ds, output_dir: 
     )
     if spec.get("resample_interval") is not None:
         bilevel["sketch_resample_interval"] = spec["resample_interval"]
+    if spec.get("lower_full_space_modules") is not None:
+        bilevel["lower_full_space_modules"] = spec["lower_full_space_modules"]
     for key, field in (
         ("aux_lr", "aux_learning_rate"),
         ("upper_lr", "upper_learning_rate"),

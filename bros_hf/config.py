@@ -58,6 +58,17 @@ class BROSConfig(TrainingArguments):
         default="rademacher",
         metadata={"help": "Distribution of the sketch entries (variance 1/r).", "choices": ["rademacher", "gaussian"]},
     )
+    lower_full_space_modules: list[str] = field(
+        default_factory=lambda: ["embeddings"],
+        metadata={
+            "help": "Modules whose lower-level update is full-space (U = I) while their auxiliary probes P, Q stay "
+            "random (bros only). 'embeddings': the model's input and output embeddings (get_input_embeddings / "
+            "get_output_embeddings), as GaLore keeps them full-rank: they hold per-token rows that a rank-r update "
+            "learns slowly (benchmarks/README.md). Other entries match module names like peft's target_modules "
+            "(exact or dotted suffix, e.g. 'lm_head'). 'none': every matrix in a rank-r subspace (the paper's setting; "
+            "least memory)."
+        },
+    )
     sketch_resample_interval: int = field(
         default=40,
         metadata={
@@ -206,6 +217,11 @@ class BROSConfig(TrainingArguments):
             )
         if self.z_norm_bound is not None and not self.z_norm_bound > 0:
             raise ValueError(f"z_norm_bound must be > 0, or None for no projection, got {self.z_norm_bound}.")
+        modules = list(self.lower_full_space_modules or [])
+        if "none" in modules and len(modules) > 1:
+            raise ValueError(
+                f"lower_full_space_modules={modules}: 'none' (sketch every matrix) cannot be combined with module names."
+            )
         for name in ("subspace_rank", "sketch_resample_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer ≥ 1, got {getattr(self, name)}.")

@@ -100,19 +100,67 @@ class MaterializedPerturber:
         shifts = [(1.0, *probe) for probe in probes] + list(shifts)
         out = {}
         for name, p in params.items():
-            value = p.detach()
+            value = p
             for scale, basis, coords in shifts:
-                value = value + scale * basis.expand_one(name, coords[name], p.shape)
+                if name in coords:
+                    value = value + scale * basis.expand_one(name, coords[name], p.shape)
             out[name] = value
         yield out
 
 
 Perturber = Callable[..., AbstractContextManager[dict[str, Tensor]]]
-"""``perturber(params, shifts, probes=())`` → context yielding the perturbed parameter dict."""
+"""``perturber(params, shifts, probes=())`` → context yielding the perturbed parameter dict.
+
+``params`` are used as given (callers detach θ, or pass leaves they differentiate by); a probe or
+shift names only the tensors it perturbs (a tensor absent from its coordinates is left alone)."""
 
 
 def _zeros_for_unused(grads: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(ref) if g is None else g for g, ref in zip(grads, like, strict=True)]
+
+
+class _Coordinates:
+    """Zero coordinates for several sketches at once, each distinct (tensor, basis) pair once.
+
+    ``leaves[i][name]`` is what ∂g/∂(coordinates of sketch i) is taken with respect to:
+
+    - a sketched tensor (B ∈ R^{n×r}): zero coordinates a ∈ R^{m×r} of θ + B a; sketches holding the
+      same matrix object for a tensor (U = P where U is not redrawn) share one leaf;
+    - a full-space tensor (B = I): θ itself, detached and made a leaf (``base``), so its gradient
+      ∇_θ g comes from the ordinary backward: no zero tensor of θ's size and no θ + a copy.
+
+    ``base`` is θ detached, with those leaves in place; ``probes`` lists each sketched leaf once.
+    """
+
+    def __init__(self, params: Mapping[str, Tensor], sketches: Sequence[Sketch]):
+        self.base = {name: p.detach() for name, p in params.items()}
+        full = {name for sketch in sketches for name, matrix in sketch.matrices.items() if matrix is None}
+        for name in full:
+            self.base[name].requires_grad_(True)
+        shared: dict[tuple[str, int], Tensor] = {}
+        self.leaves: list[dict[str, Tensor]] = []
+        self.probes: list[Probe] = []
+        for sketch in sketches:
+            group, fresh = {}, {}
+            for name, p in params.items():
+                matrix = sketch.matrices[name]
+                if matrix is None:
+                    group[name] = self.base[name]
+                    continue
+                key = (name, id(matrix))
+                if key not in shared:
+                    shared[key] = fresh[name] = torch.zeros(
+                        sketch.coordinate_shape(name, p), dtype=p.dtype, device=p.device, requires_grad=True
+                    )
+                group[name] = shared[key]
+            self.leaves.append(group)
+            self.probes.append((sketch, fresh))
+        self.targets = list({id(t): t for group in self.leaves for t in group.values()}.values())
+
+    def split(self, grads: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        """Gradients for ``targets`` (in order) → one dict per sketch (shared leaves: the same tensor)."""
+        by_leaf = {id(t): g for t, g in zip(self.targets, grads, strict=True)}
+        return [{name: by_leaf[id(t)] for name, t in group.items()} for group in self.leaves]
 
 
 def _distinct(*sketches: Sketch | None) -> list[Sketch]:
@@ -184,25 +232,24 @@ def _lower_pass_autograd(
 ) -> LowerPassResult:
     """g at θ + U b + P a + t d; ∂g/∂b, then one backward of ∂g/∂t (with graph) to (a, λ)."""
     sketches = _distinct(lower_sketch, sketch_p)
-    coords = [sketch.zeros_like(params, requires_grad=True) for sketch in sketches]
-    flat = [c for group in coords for c in group.values()]
+    coords = _Coordinates(params, sketches)
     t = torch.zeros((), requires_grad=True) if direction is not None else None
     lam_leaf = lam.detach().clone().requires_grad_(with_cross)
-    shifts: list[Shift] = [(1.0, sketch, group) for sketch, group in zip(sketches, coords, strict=True)]
+    shifts: list[Shift] = [(1.0, *probe) for probe in coords.probes]
     if t is not None:
         shifts.append((t, *direction))
 
-    with perturber(params, shifts) as perturbed:
+    with perturber(coords.base, shifts) as perturbed:
         loss = lower_loss_fn(lam_leaf, perturbed)
+    flat = coords.targets
     scalars = [t] if t is not None else []
     first = torch.autograd.grad(loss, flat + scalars, create_graph=t is not None, allow_unused=True)
-    grads_flat = iter(_zeros_for_unused(first[: len(flat)], flat))
-    grads = [{n: next(grads_flat).detach() for n in group} for group in coords]
+    grads = coords.split([g.detach() for g in _zeros_for_unused(first[: len(flat)], flat)])
 
     hessian_action = cross = None
     if t is not None:
         # ∂²g/∂t∂a = Pᵀ H d and ∂²g/∂t∂λ = ∂_λ⟨∇_θ g, d⟩ from the same second backward.
-        p_coords = coords[_position(sketches, sketch_p)] if sketch_p is not None else {}
+        p_coords = coords.leaves[_position(sketches, sketch_p)] if sketch_p is not None else {}
         targets = list(p_coords.values()) + ([lam_leaf] if with_cross else [])
         dg_dt = first[-1]
         if dg_dt is None or not dg_dt.requires_grad:
@@ -237,19 +284,16 @@ def _first_order(
     ``rng``: the RNG state to replay first, so passes that are differenced see the same dropout masks."""
     if rng is not None:
         rng.replay()
-    coords = [sketch.zeros_like(params, requires_grad=True) for sketch in sketches]
+    coords = _Coordinates(params, sketches)
     lam_leaf = lam.detach().clone().requires_grad_(with_lambda)
-    flat = [c for group in coords for c in group.values()]
-    targets = flat + ([lam_leaf] if with_lambda else [])
-    probes = list(zip(sketches, coords, strict=True))
-    with perturber(params, list(shifts), probes=probes) as perturbed:
+    targets = coords.targets + ([lam_leaf] if with_lambda else [])
+    with perturber(coords.base, list(shifts), probes=coords.probes) as perturbed:
         loss = lower_loss_fn(lam_leaf, perturbed)
     if targets and loss.requires_grad:
         grads = _zeros_for_unused(torch.autograd.grad(loss, targets, allow_unused=True), targets)
     else:
         grads = [torch.zeros_like(x) for x in targets]
-    flat_grads = iter(grads[: len(flat)])
-    coord_grads = [{n: next(flat_grads) for n in group} for group in coords]
+    coord_grads = coords.split(grads[: len(coords.targets)])
     return loss.detach(), coord_grads, grads[-1] if with_lambda else None
 
 
@@ -294,12 +338,12 @@ def _lower_pass_finite_difference(
     )
     (loss_p, grads_p, lam_p), (loss_m, grads_m, lam_m) = plus, minus
     grad = hessian_action = None
-    if lower_index is not None:
-        grad = {n: 0.5 * (grads_p[lower_index][n] + grads_m[lower_index][n]) for n in grads_p[lower_index]}
     if p_index is not None:
         hessian_action = {
             n: (grads_p[p_index][n] - grads_m[p_index][n]) / (2 * delta) for n in grads_p[p_index]
         }
+    if lower_index is not None:  # in place, after the difference: no third gradient-sized buffer
+        grad = {n: g.add_(grads_m[lower_index][n]).mul_(0.5) for n, g in grads_p[lower_index].items()}
     cross = (lam_p - lam_m) / (2 * delta) if with_cross else None
     return LowerPassResult(
         loss=0.5 * (loss_p + loss_m), grad=grad, hessian_action=hessian_action, cross=cross

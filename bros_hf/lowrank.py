@@ -109,7 +109,8 @@ class LowRankPerturber:
     """Perturber for an ``nn.Module``: low-rank terms through forward hooks where the layer allows it.
 
     ``model`` must be the module the loss function calls (e.g. through ``functional_call``);
-    parameters are matched by name to ``model.named_parameters()``.
+    parameters are matched by name to ``model.named_parameters()``. ``params`` are used as given
+    (the estimators pass θ detached, full-space tensors as leaves to differentiate by).
     """
 
     def __init__(self, model: nn.Module):
@@ -133,8 +134,10 @@ class LowRankPerturber:
         module_probes: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
         out: dict[str, Tensor] = {}
         for name, p in params.items():
-            value = p.detach()
+            value = p
             for basis, coords in probes:
+                if name not in coords:
+                    continue
                 matrix = basis.matrices.get(name)
                 if matrix is not None and name in self.modules:
                     for module in self.modules[name]:
@@ -142,6 +145,8 @@ class LowRankPerturber:
                 else:
                     value = value + basis.expand_one(name, coords[name], p.shape)
             for scale, basis, coords in shifts:
+                if name not in coords:
+                    continue
                 matrix = basis.matrices.get(name)
                 if matrix is not None and name in self.modules:
                     for module in self.modules[name]:

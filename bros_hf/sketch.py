@@ -18,7 +18,7 @@ Full space (MA-SOBA) is the identity sketch for every tensor: the same code path
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Literal
 
 import torch
@@ -85,6 +85,10 @@ class Sketch:
             else:
                 matrices[name] = None
         return cls(matrices)
+
+    def with_identity(self, names: Collection[str]) -> Sketch:
+        """This sketch with P = I (full space) for ``names``; the other matrices are shared, not copied."""
+        return Sketch({n: (None if n in names else p) for n, p in self.matrices.items()})
 
     def to(self, device: torch.device | str) -> Sketch:
         return Sketch({n: (None if p is None else p.to(device)) for n, p in self.matrices.items()})

@@ -13,7 +13,8 @@ every process: each auxiliary step is then the unbiased bi-probe step the method
 lower update runs in U = P when ``resample_every`` = 1 (the analysed method), else in its own
 subspace U, redrawn every ``resample_every`` steps: the lower optimizer (e.g. Adam) keeps its state
 in U's coordinates between redraws, which it needs to make progress (see the README's numbers).
-γ_n = γ · r / n for a tensor sketched along a dimension of size n (``aux_step_scaling="rank_ratio"``,
+Tensors named in ``lower_full_space`` (e.g. embeddings) take their lower update in full space (U = I)
+while P and Q stay random for them. γ_n = γ · r / n for a tensor sketched along a dimension of size n (``aux_step_scaling="rank_ratio"``,
 the default) because the variance of S_P H S_Q grows like (n / r)²; full-space tensors use γ. All terms of a step use the iterates (θ_k, z_k, λ_k).
 """
 
@@ -60,6 +61,7 @@ class BilevelHyperparameters:
     z_radius: float | None = None
     fd_eps: float = DEFAULT_FD_EPS
     upper_warmup_steps: int = 0
+    lower_full_space: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in ("bros", "masoba"):
@@ -75,6 +77,7 @@ class BilevelHyperparameters:
             raise ValueError(f"ma_weight ρ must be in (0, 1], got {self.ma_weight}.")
         if self.z_radius is not None and not self.z_radius > 0:
             raise ValueError(f"z_radius must be > 0 or None, got {self.z_radius}.")
+        self.lower_full_space = tuple(self.lower_full_space)
 
 
 @dataclass
@@ -102,6 +105,9 @@ class BilevelEngine:
         perturber: Perturber | None = None,
     ):
         self.params = dict(params)
+        unknown = sorted(set(hparams.lower_full_space) - set(self.params))
+        if unknown:
+            raise ValueError(f"lower_full_space names tensors that are not among the parameters: {unknown}.")
         self.perturber = perturber
         self.upper = upper
         self.hparams = hparams
@@ -119,18 +125,20 @@ class BilevelEngine:
         return self.hparams.method == "masoba"
 
     def _resample_if_due(self) -> bool:
-        """Fresh P, Q; a fresh U when due (U = P at ``resample_every`` = 1). True when U changed."""
+        """Fresh P, Q; a fresh U when due (U = P at ``resample_every`` = 1). True when U changed.
+
+        U is the identity for the tensors in ``lower_full_space`` (their lower update is full-space)."""
         if self.full_space:
             return False
-        kind, rank = self.hparams.sketch, self.hparams.rank
+        kind, rank, full = self.hparams.sketch, self.hparams.rank, self.hparams.lower_full_space
         self.sketch_p = Sketch.sample(self.params, rank, self.generator, kind)
         self.sketch_q = Sketch.sample(self.params, rank, self.generator, kind)
         if self.hparams.resample_every == 1:
-            self.sketch_u = self.sketch_p
+            self.sketch_u = self.sketch_p.with_identity(full) if full else self.sketch_p
             return True
         if self.step_count % self.hparams.resample_every != 0:
             return False
-        self.sketch_u = Sketch.sample(self.params, rank, self.generator, kind)
+        self.sketch_u = Sketch.sample(self.params, rank, self.generator, kind).with_identity(full)
         return True
 
     def begin_step(self) -> bool:
@@ -269,7 +277,8 @@ class BilevelEngine:
             next(iter(self.z.values())).device
         )
         if self.hparams.resample_every == 1:
-            self.sketch_u = self.sketch_p
+            full = self.hparams.lower_full_space
+            self.sketch_u = self.sketch_p.with_identity(full) if full else self.sketch_p
         else:
             self.sketch_u = Sketch.from_state_dict(names, state["sketch_u"]).to(
                 next(iter(self.z.values())).device

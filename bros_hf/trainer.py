@@ -17,6 +17,7 @@ all-reduce full gradients, and DDP/compile break double backward (DESIGN.md §4)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import math
@@ -50,6 +51,7 @@ from bros_hf.data import (
 from bros_hf.estimators import global_norm
 from bros_hf.losses import per_example_losses
 from bros_hf.lowrank import LowRankPerturber
+from bros_hf.modules import full_space_parameter_names
 from bros_hf.solver import BilevelEngine
 from bros_hf.upper import DomainMixture, SampleWeights, UpperVariable
 from bros_hf.validation import DomainPresenceMonitor, LabelSpace, check_subspace_coverage
@@ -225,7 +227,9 @@ class BROSTrainer(Trainer):
         return params
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer class and kwargs, over r-dim coordinates instead of θ.
+        """The Trainer's optimizer class and kwargs, over r-dim coordinates of U instead of θ
+        (over θ itself for tensors whose U is the identity: 1-D and small tensors, and
+        ``lower_full_space_modules``).
 
         Weight decay is applied to θ directly (θ ← θ(1 − lr·wd) for the Trainer's decay parameters),
         since coordinates are zero before every step.
@@ -234,16 +238,20 @@ class BROSTrainer(Trainer):
             return self.optimizer
         params = self._trainable_parameters()
         check_subspace_coverage(params, self.args.subspace_rank, self.args.bilevel_method)
-        self.engine = BilevelEngine(
-            params,
-            self.upper,
-            self.args.bilevel_hyperparameters(),
-            seed=self.args.seed,
-            perturber=LowRankPerturber(self._bilevel_model()),
-        )
-        shapes = {n: self.engine.sketch_u.coordinate_shape(n, p) for n, p in params.items()}
+        hparams = self.args.bilevel_hyperparameters()
+        if self.args.bilevel_method == "bros":
+            modules = self.args.lower_full_space_modules
+            full = full_space_parameter_names(self._bilevel_model(), modules, params)
+            hparams = dataclasses.replace(hparams, lower_full_space=tuple(full))
+        perturber = LowRankPerturber(self._bilevel_model())
+        self.engine = BilevelEngine(params, self.upper, hparams, seed=self.args.seed, perturber=perturber)
+        # Sketched tensors: r-dim coordinates a of U, zero before every step. Full-space ones (U = I):
+        # θ itself, as in a plain Trainer (a zero copy of θ would only add its size in memory).
         self._coordinates = {
-            n: nn.Parameter(torch.zeros(shapes[n], device=p.device, dtype=torch.float32)) for n, p in params.items()
+            n: p
+            if self.engine.sketch_u.matrices[n] is None
+            else nn.Parameter(torch.zeros(self.engine.sketch_u.coordinate_shape(n, p), device=p.device))
+            for n, p in params.items()
         }
         decay_names = set(self.get_decay_parameter_names(self._bilevel_model()))
         self._decay_names = [n for n in params if n in decay_names]
@@ -256,15 +264,18 @@ class BROSTrainer(Trainer):
 
     @torch.no_grad()
     def _fold_coordinates(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        """After the optimizer moved the coordinates a from 0: θ ← θ(1 − lr·wd) + U a, then a ← 0."""
+        """After the optimizer moved the coordinates a from 0: θ ← θ(1 − lr·wd) + U a, then a ← 0.
+
+        (Full-space tensors were updated in place by the optimizer; they only take the decay.)"""
         if self._skip_lower:
             return
         lr = optimizer.param_groups[0]["lr"]
         if self.args.weight_decay > 0:
             for name in self._decay_names:
                 self.engine.params[name].mul_(1.0 - lr * self.args.weight_decay)
-        self.engine.apply_coordinates({n: c.detach() for n, c in self._coordinates.items()})
-        for coordinate in self._coordinates.values():
+        sketched = {n: c for n, c in self._coordinates.items() if c is not self.engine.params[n]}
+        self.engine.apply_coordinates({n: c.detach() for n, c in sketched.items()})
+        for coordinate in sketched.values():
             coordinate.zero_()
 
     def _reset_subspace_optimizer_state(self) -> None:
