@@ -27,7 +27,7 @@ lets one pair of passes produce everything.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -130,22 +130,35 @@ class _Coordinates:
       ∇_θ g comes from the ordinary backward: no zero tensor of θ's size and no θ + a copy.
 
     ``base`` is θ detached, with those leaves in place; ``probes`` lists each sketched leaf once.
+    ``skip[i]``: full-space tensors sketch i does not need this time (no leaf, no gradient).
     """
 
-    def __init__(self, params: Mapping[str, Tensor], sketches: Sequence[Sketch]):
+    def __init__(
+        self,
+        params: Mapping[str, Tensor],
+        sketches: Sequence[Sketch],
+        skip: Sequence[Collection[str]] = (),
+    ):
+        skip = list(skip) + [()] * (len(sketches) - len(skip))
         self.base = {name: p.detach() for name, p in params.items()}
-        full = {name for sketch in sketches for name, matrix in sketch.matrices.items() if matrix is None}
+        full = {
+            name
+            for sketch, skipped in zip(sketches, skip, strict=True)
+            for name, matrix in sketch.matrices.items()
+            if matrix is None and name not in skipped
+        }
         for name in full:
             self.base[name].requires_grad_(True)
         shared: dict[tuple[str, int], Tensor] = {}
         self.leaves: list[dict[str, Tensor]] = []
         self.probes: list[Probe] = []
-        for sketch in sketches:
+        for sketch, skipped in zip(sketches, skip, strict=True):
             group, fresh = {}, {}
             for name, p in params.items():
                 matrix = sketch.matrices[name]
                 if matrix is None:
-                    group[name] = self.base[name]
+                    if name not in skipped:
+                        group[name] = self.base[name]
                     continue
                 key = (name, id(matrix))
                 if key not in shared:
@@ -278,13 +291,15 @@ def _first_order(
     perturber,
     rng: _CommonRandomNumbers | None,
     with_lambda: bool,
+    skip: Sequence[Collection[str]] = (),
 ) -> tuple[Tensor, list[dict[str, Tensor]], Tensor | None]:
     """(g, [Bᵀ∇_θ g for each sketch B], ∇_λ g) at θ + Σ shifts with one plain backward (θ is a constant).
 
-    ``rng``: the RNG state to replay first, so passes that are differenced see the same dropout masks."""
+    ``rng``: the RNG state to replay first, so passes that are differenced see the same dropout masks.
+    ``skip``: per sketch, full-space tensors whose gradient is not needed (see :class:`_Coordinates`)."""
     if rng is not None:
         rng.replay()
-    coords = _Coordinates(params, sketches)
+    coords = _Coordinates(params, sketches, skip)
     lam_leaf = lam.detach().clone().requires_grad_(with_lambda)
     targets = coords.targets + ([lam_leaf] if with_lambda else [])
     with perturber(coords.base, list(shifts), probes=coords.probes) as perturbed:
@@ -297,12 +312,24 @@ def _first_order(
     return loss.detach(), coord_grads, grads[-1] if with_lambda else None
 
 
+def _one_sided(sketches: list[Sketch], lower_index: int | None, p_index: int | None) -> set[str]:
+    """Tensors whose lower gradient comes from the θ − δd pass alone: U = I but P sketched (by default the
+    embeddings). Their gradient is only needed for the lower step, where the O(δ) bias ∇g(θ − δd) − ∇g(θ) = −δ H d
+    (1e-2 relative, ``python -m benchmarks.fd_accuracy``) is far below minibatch noise, while a gradient from
+    both passes would cost the weight-gradient products of one more pass and hold a weight-size buffer through
+    the second pass (the last pass makes it, so none is held during another one)."""
+    if lower_index is None or p_index is None or lower_index == p_index:
+        return set()
+    lower, aux = sketches[lower_index].matrices, sketches[p_index].matrices
+    return {n for n, m in lower.items() if m is None and aux[n] is not None}
+
+
 def _lower_pass_finite_difference(
     lower_loss_fn, lam, params, sketch_p, lower_sketch, direction, with_cross, fd_eps, perturber
 ) -> LowerPassResult:
     """Two gradient passes at θ ± δ d give all three terms (central differences, O(δ²) bias):
 
-        Uᵀ∇g       ≈ [Uᵀ∇g(θ + δd) + Uᵀ∇g(θ − δd)] / 2
+        Uᵀ∇g       ≈ [Uᵀ∇g(θ + δd) + Uᵀ∇g(θ − δd)] / 2     (∇g(θ − δd) alone where U = I ≠ P: _one_sided)
         Pᵀ H d     ≈ [Pᵀ∇g(θ + δd) − Pᵀ∇g(θ − δd)] / 2δ
         ∂_λ⟨∇g, d⟩ ≈ [∇_λ g(θ + δd) − ∇_λ g(θ − δd)] / 2δ
 
@@ -330,11 +357,22 @@ def _lower_pass_finite_difference(
         return LowerPassResult(loss=loss, grad=grad, hessian_action=hessian_action, cross=cross)
 
     delta = fd_eps * max(float(global_norm(params)), 1.0) / norm
+    skip = [
+        _one_sided(sketches, lower_index, p_index) if i == lower_index else () for i in range(len(sketches))
+    ]
     plus, minus = (
         _first_order(
-            lower_loss_fn, lam, params, sketches, [(sign * delta, *direction)], perturber, rng, with_cross
+            lower_loss_fn,
+            lam,
+            params,
+            sketches,
+            [(sign * delta, *direction)],
+            perturber,
+            rng,
+            with_cross,
+            pass_skip,
         )
-        for sign in (1.0, -1.0)
+        for sign, pass_skip in ((1.0, skip), (-1.0, ()))
     )
     (loss_p, grads_p, lam_p), (loss_m, grads_m, lam_m) = plus, minus
     grad = hessian_action = None
@@ -343,7 +381,11 @@ def _lower_pass_finite_difference(
             n: (grads_p[p_index][n] - grads_m[p_index][n]) / (2 * delta) for n in grads_p[p_index]
         }
     if lower_index is not None:  # in place, after the difference: no third gradient-sized buffer
-        grad = {n: g.add_(grads_m[lower_index][n]).mul_(0.5) for n, g in grads_p[lower_index].items()}
+        plus_grads = grads_p[lower_index]
+        grad = {
+            n: g.add_(plus_grads[n]).mul_(0.5) if n in plus_grads else g
+            for n, g in grads_m[lower_index].items()
+        }
     cross = (lam_p - lam_m) / (2 * delta) if with_cross else None
     return LowerPassResult(
         loss=0.5 * (loss_p + loss_m), grad=grad, hessian_action=hessian_action, cross=cross

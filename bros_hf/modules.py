@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
+from transformers.utils import logging
 
+logger = logging.get_logger(__name__)
 EMBEDDINGS = "embeddings"
 NONE = "none"
 
@@ -53,4 +55,6 @@ def full_space_parameter_names(
                 name = by_id.get(id(p))
                 if name is not None and name not in names:
                     names.append(name)
+    if names:
+        logger.info(f"lower_full_space_modules={list(entries)}: full-space lower updates (U = I) for {names}.")
     return names

@@ -10,7 +10,8 @@ Which tensors are sketched: every tensor with at least two dimensions whose flat
 dimension n is larger than the rank r. Biases, LayerNorm/RMSNorm scales, and any tensor with
 n ≤ r stay in full space (their "sketch" is the identity, P = I). Note that GPT-2's ``Conv1D``
 stores weights as [in, out], so for it the sketched dimension is the output dimension; embeddings
-[vocab, d] are sketched along d.
+[vocab, d] are sketched along d. (The trainer gives the embeddings' *lower* update U the identity by
+default, ``BROSConfig.lower_full_space_modules``; their P and Q stay random.)
 
 Full space (MA-SOBA) is the identity sketch for every tensor: the same code path, no copy.
 """

@@ -337,8 +337,9 @@ class BROSTrainer(Trainer):
             return (self.upper.coefficients(keys, lam).to(losses.dtype) * losses).mean()
 
         with self._second_order_context():
-            lower = engine.lower_terms(lower_loss)
+            # Upper pass first: it then runs while no lower gradient (full-size for full-space tensors) is held.
             upper_loss, upper_grad = engine.upper_terms(lambda p: self._losses(p, upper_batch).mean())
+            lower = engine.lower_terms(lower_loss)
 
         scale = 1.0 / self.current_gradient_accumulation_steps
         terms = {

@@ -129,4 +129,5 @@ def test_finite_differences_are_accurate_in_fp32_and_not_in_bf16():
 
     fp32, bf16 = ({row["eps"]: row for row in measure(p)}[DEFAULT_FD_EPS] for p in ("fp32", "bf16"))
     assert fp32["gradient"] < 1e-3 and fp32["hessian_action"] < 1e-3 and fp32["cross_term"] < 2e-2
+    assert 1e-4 < fp32["embedding_gradient"] < 5e-2  # one-sided: O(δ), not O(δ²)
     assert bf16["hessian_action"] > 0.1
