@@ -336,10 +336,19 @@ class BROSTrainer(Trainer):
             losses = self._losses(params, inputs)
             return (self.upper.coefficients(keys, lam).to(losses.dtype) * losses).mean()
 
+        def upper_pass() -> tuple[Tensor, dict[str, Tensor]]:
+            return engine.upper_terms(lambda p: self._losses(p, upper_batch).mean())
+
+        # Whatever a pass returns is held through the passes after it, so the pass with the highest peak runs
+        # first: the double backward (autograd); with finite differences, the upper pass, so that no full-size
+        # lower gradient (full-space tensors) is held through another pass.
         with self._second_order_context():
-            # Upper pass first: it then runs while no lower gradient (full-size for full-space tensors) is held.
-            upper_loss, upper_grad = engine.upper_terms(lambda p: self._losses(p, upper_batch).mean())
-            lower = engine.lower_terms(lower_loss)
+            if self.args.hessian_mode == "autograd":
+                lower = engine.lower_terms(lower_loss)
+                upper_loss, upper_grad = upper_pass()
+            else:
+                upper_loss, upper_grad = upper_pass()
+                lower = engine.lower_terms(lower_loss)
 
         scale = 1.0 / self.current_gradient_accumulation_steps
         terms = {
