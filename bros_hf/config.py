@@ -161,6 +161,11 @@ class BROSConfig(TrainingArguments):
         if self.hessian_mode == "auto":
             self.hessian_mode = "autograd" if (self.bf16 or self.fp16) else "finite_difference"
         self._check_step_sizes()
+        modules = list(self.lower_full_space_modules or [])
+        if "none" in modules and len(modules) > 1:
+            raise ValueError(
+                f"lower_full_space_modules={modules}: 'none' (sketch every matrix) cannot be combined with module names."
+            )
         if self.upper_batch_size is not None and self.upper_batch_size < 1:
             raise ValueError(f"upper_batch_size must be ≥ 1, got {self.upper_batch_size}.")
         if self.upper_warmup_steps < 0:
@@ -218,11 +223,6 @@ class BROSConfig(TrainingArguments):
             )
         if self.z_norm_bound is not None and not self.z_norm_bound > 0:
             raise ValueError(f"z_norm_bound must be > 0, or None for no projection, got {self.z_norm_bound}.")
-        modules = list(self.lower_full_space_modules or [])
-        if "none" in modules and len(modules) > 1:
-            raise ValueError(
-                f"lower_full_space_modules={modules}: 'none' (sketch every matrix) cannot be combined with module names."
-            )
         for name in ("subspace_rank", "sketch_resample_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer ≥ 1, got {getattr(self, name)}.")

@@ -315,7 +315,7 @@ def _first_order(
 def _one_sided(sketches: list[Sketch], lower_index: int | None, p_index: int | None) -> set[str]:
     """Tensors whose lower gradient comes from the θ − δd pass alone: U = I but P sketched (by default the
     embeddings). Their gradient is only needed for the lower step, where the O(δ) bias ∇g(θ − δd) − ∇g(θ) = −δ H d
-    (1e-2 relative, ``python -m benchmarks.fd_accuracy``) is far below minibatch noise, while a gradient from
+    (7.8e-3 relative at the default eps, ``python -m benchmarks.fd_accuracy``) is far below minibatch noise, while a gradient from
     both passes would cost the weight-gradient products of one more pass and hold a weight-size buffer through
     the second pass (the last pass makes it, so none is held during another one)."""
     if lower_index is None or p_index is None or lower_index == p_index:

@@ -88,7 +88,11 @@ class Sketch:
         return cls(matrices)
 
     def with_identity(self, names: Collection[str]) -> Sketch:
-        """This sketch with P = I (full space) for ``names``; the other matrices are shared, not copied."""
+        """This sketch with P = I (full space) for ``names``; the other matrices are shared, not copied.
+
+        No names: this sketch itself (so U = P stays one sketch and its coordinates one probe)."""
+        if not names:
+            return self
         return Sketch({n: (None if n in names else p) for n, p in self.matrices.items()})
 
     def to(self, device: torch.device | str) -> Sketch:

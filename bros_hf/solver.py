@@ -134,7 +134,7 @@ class BilevelEngine:
         self.sketch_p = Sketch.sample(self.params, rank, self.generator, kind)
         self.sketch_q = Sketch.sample(self.params, rank, self.generator, kind)
         if self.hparams.resample_every == 1:
-            self.sketch_u = self.sketch_p.with_identity(full) if full else self.sketch_p
+            self.sketch_u = self.sketch_p.with_identity(full)
             return True
         if self.step_count % self.hparams.resample_every != 0:
             return False
@@ -277,8 +277,7 @@ class BilevelEngine:
             next(iter(self.z.values())).device
         )
         if self.hparams.resample_every == 1:
-            full = self.hparams.lower_full_space
-            self.sketch_u = self.sketch_p.with_identity(full) if full else self.sketch_p
+            self.sketch_u = self.sketch_p.with_identity(self.hparams.lower_full_space)
         else:
             self.sketch_u = Sketch.from_state_dict(names, state["sketch_u"]).to(
                 next(iter(self.z.values())).device

@@ -67,6 +67,22 @@ def _sketches(params):
     return sketch_p, sketch_q, sketch_p.with_identity(FULL)
 
 
+def _full_space_pass(lower_loss, lam, params, sketches, w, mode, perturber=None):
+    """``lower_pass`` with U = ``sketches[2]`` (P with FULL in full space) along d = Q w, cross term included."""
+    sketch_p, sketch_q, sketch_u = sketches
+    return lower_pass(
+        lower_loss,
+        lam,
+        params,
+        sketch_p,
+        direction=SubspaceVector(sketch_q, w),
+        with_cross=True,
+        lower_sketch=sketch_u,
+        mode=mode,
+        perturber=perturber,
+    )
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -103,17 +119,8 @@ def test_lower_pass_full_space_tensors_get_the_exact_gradient(mode, hooks):
         full_grad, hess_d, cross = _exact(lower_loss, lam, params, direction)
         shifted = {n: p - delta * direction[n] for n, p in params.items()}
         shifted_grad = _exact(lower_loss, lam, shifted, direction)[0]
-        result = lower_pass(
-            lower_loss,
-            lam,
-            params,
-            sketch_p,
-            direction=SubspaceVector(sketch_q, w),
-            with_cross=True,
-            lower_sketch=sketch_u,
-            mode=mode,
-            perturber=LowRankPerturber(model) if hooks else None,
-        )
+        perturber = LowRankPerturber(model) if hooks else None
+        result = _full_space_pass(lower_loss, lam, params, (sketch_p, sketch_q, sketch_u), w, mode, perturber)
     assert set(result.grad) == set(result.hessian_action) == set(params)
     for name in params:
         expected_grad = sketch_u.reduce_one(name, full_grad[name])
@@ -191,19 +198,10 @@ def test_lower_pass_leaves_theta_untouched(mode, as_parameters):
     )
     before = {n: p.detach().clone() for n, p in params.items()}
     flags = {n: p.requires_grad for n, p in params.items()}
-    sketch_p, sketch_q, sketch_u = _sketches(params)
-    z = {n: torch.ones_like(p) for n, p in params.items()}
+    sketches = _sketches(params)
+    w = sketches[1].reduce({n: torch.ones_like(p) for n, p in params.items()})
     with sdpa_kernel(SDPBackend.MATH):
-        result = lower_pass(
-            lower_loss,
-            lam,
-            params,
-            sketch_p,
-            direction=SubspaceVector(sketch_q, sketch_q.reduce(z)),
-            with_cross=True,
-            lower_sketch=sketch_u,
-            mode=mode,
-        )
+        result = _full_space_pass(lower_loss, lam, params, sketches, w, mode)
     assert all(float(result.grad[n].norm()) > 0 for n in FULL)
     for name, p in params.items():
         assert torch.equal(p, before[name]), name
