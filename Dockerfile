@@ -11,6 +11,6 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.4"
 COPY pyproject.toml README.md ./
 COPY bros_hf ./bros_hf
 COPY recipes ./recipes
-RUN pip install -e ".[plots]"
+RUN pip install -e ".[recipes]"
 
 CMD ["python", "recipes/lm_data_mixture.py", "--output_dir", "/app/outputs/lm_data_mixture"]

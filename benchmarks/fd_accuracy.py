@@ -20,10 +20,9 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bros_hf import DomainMixture, Sketch, lower_pass
-from bros_hf.estimators import SubspaceVector
+from bros_hf.core.estimators import SubspaceVector
 from bros_hf.losses import per_example_losses
-from bros_hf.lowrank import LowRankPerturber
-from bros_hf.modules import full_space_parameter_names
+from bros_hf.modules import full_space_parameter_names, model_perturber
 from tests.toy import tiny_llama
 
 EPS = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
@@ -63,7 +62,7 @@ def measure(precision: str, rank: int = 16, seed: int = 0) -> list[dict[str, flo
         direction=direction,
         with_cross=True,
         lower_sketch=sketch_p.with_identity(embeddings),
-        perturber=LowRankPerturber(model),
+        perturber=model_perturber(model),
     )
     rows = []
     with sdpa_kernel(SDPBackend.MATH):

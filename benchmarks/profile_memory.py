@@ -93,7 +93,7 @@ def _wrap(module: Any, attr: str, recorder: PassRecorder, name: str) -> None:
 
 
 def profile_one(size_name: str, method_name: str, steps: int, device: str) -> dict[str, Any]:
-    import bros_hf.estimators as estimators
+    import bros_hf.core.estimators as estimators
     from benchmarks.data import build_data, collate
     from benchmarks.models import SIZES, build_model, count_parameters
     from benchmarks.run import METHODS, PROFILES

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from bros_hf.estimators import DEFAULT_FD_EPS
-from bros_hf.solver import BilevelHyperparameters
+from bros_hf.core.engine import BilevelHyperparameters
+from bros_hf.core.estimators import DEFAULT_FD_EPS
 
 SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop")
 

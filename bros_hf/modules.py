@@ -1,15 +1,25 @@
-"""Which trainable parameters a list of module names (``lower_full_space_modules``) refers to."""
+"""Hugging Face model structure: the perturber for a model's layer types, and which trainable
+parameters a list of module names (``lower_full_space_modules``) refers to."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
+
+from bros_hf.core.lowrank import LowRankPerturber
 
 logger = logging.get_logger(__name__)
 EMBEDDINGS = "embeddings"
 NONE = "none"
+
+
+def model_perturber(model: nn.Module) -> LowRankPerturber:
+    """The low-rank perturber for a transformers model: hooks on ``nn.Linear``, ``nn.Embedding`` and
+    GPT-2's transposed ``Conv1D``."""
+    return LowRankPerturber(model, transposed_linear=(Conv1D,))
 
 
 def _embedding_modules(model: nn.Module) -> list[nn.Module]:

@@ -1,8 +1,8 @@
 """BROSTrainer: the bilevel step inside the Hugging Face Trainer's loop.
 
 The lower level is the model's trainable parameters θ (with PEFT, the adapters); the upper level
-is a domain mixture or per-example weights (:mod:`bros_hf.upper`). Each optimizer step
-(``gradient_accumulation_steps`` micro-batches) runs, through :class:`~bros_hf.solver.BilevelEngine`:
+is a domain mixture or per-example weights (:mod:`bros_hf.core.upper`). Each optimizer step
+(``gradient_accumulation_steps`` micro-batches) runs, through :class:`~bros_hf.core.engine.BilevelEngine`:
 
 - on every micro-batch ξ: Uᵀ∇g, Pᵀ H Q Qᵀ z and ∂_λ⟨∇_θ g, S_Q z⟩ (one lower pass), and on an
   upper micro-batch ζ from the endless upper stream: Pᵀ∇f; all averaged over micro-batches;
@@ -11,7 +11,7 @@ is a domain mixture or per-example weights (:mod:`bros_hf.upper`). Each optimize
   which holds its state in the r-dim coordinates a of U and is folded into θ ← θ + U Δa after each step.
 
 The extra passes run on the unwrapped model (no DDP, no torch.compile wrapper): DDP's hooks would
-all-reduce full gradients, and DDP/compile break double backward (DESIGN.md §4).
+all-reduce full gradients, and DDP/compile break double backward.
 """
 
 from __future__ import annotations
@@ -19,14 +19,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import math
 import os
-import re
-import shutil
 import warnings
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -35,12 +32,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Trainer
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 
-from bros_hf.callbacks import BilevelExportCallback, save_plot, write_json_atomic
+from bros_hf.checkpointing import AtomicCheckpointMixin
 from bros_hf.config import BROSConfig
+from bros_hf.core.engine import BilevelEngine, StepStatistics, Terms, make_lower_loss
+from bros_hf.core.estimators import global_norm
+from bros_hf.core.upper import DomainMixture, SampleWeights, UpperVariable
 from bros_hf.data import (
     KEY_COLUMN,
     BalancedDomainSampler,
@@ -48,22 +45,24 @@ from bros_hf.data import (
     UpperStream,
     attach_keys,
 )
-from bros_hf.estimators import global_norm
+from bros_hf.export import (
+    MIXTURE_FILE,
+    SAMPLE_WEIGHTS_FILE,
+    WeightsExportCallback,
+    mixture_payload,
+    plot_mixture_history,
+    plot_sample_weights,
+    sample_weights_payload,
+    write_json_atomic,
+)
 from bros_hf.losses import per_example_losses
-from bros_hf.lowrank import LowRankPerturber
-from bros_hf.modules import full_space_parameter_names
-from bros_hf.solver import BilevelEngine
-from bros_hf.upper import DomainMixture, SampleWeights, UpperVariable
+from bros_hf.modules import full_space_parameter_names, model_perturber
 from bros_hf.validation import DomainPresenceMonitor, LabelSpace, check_subspace_coverage
 
 STATE_FILE = "bros_state_rank{rank}.pt"
-# Checkpoints are written under this prefix and renamed when complete: "tmp-checkpoint-N" never matches
-# transformers' ^checkpoint-(\d+)$, so get_last_checkpoint, sort_checkpoints and rotation never see it.
-STAGING_PREFIX = "tmp-"
-_STAGING_FOLDER = re.compile(rf"^{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-\d+(\.replaced)?$")
 
 
-class BROSTrainer(Trainer):
+class BROSTrainer(AtomicCheckpointMixin, Trainer):
     """Drop-in ``Trainer`` that learns a data mixture or example weights against ``upper_dataset``.
 
     Example::
@@ -123,12 +122,12 @@ class BROSTrainer(Trainer):
         )
         self.engine: BilevelEngine | None = None
         self._coordinates: dict[str, nn.Parameter] = {}
-        self._accumulated: dict[str, Any] = {}
-        self._micro_steps = 0
+        self._accumulated: Terms | None = None  # this optimizer step's micro-batches so far
+        self._domain_counts: Tensor | None = None
         self._skip_lower = False
         self.mixture_history: list[list[float]] = []
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        self.add_callback(BilevelExportCallback(self))
+        self.add_callback(WeightsExportCallback(self._export_at_end))
 
     # ------------------------------------------------------------------ setup and validation
     def _check_backend(self) -> None:
@@ -243,7 +242,7 @@ class BROSTrainer(Trainer):
             modules = self.args.lower_full_space_modules
             full = full_space_parameter_names(self._bilevel_model(), modules, params)
             hparams = dataclasses.replace(hparams, lower_full_space=tuple(full))
-        perturber = LowRankPerturber(self._bilevel_model())
+        perturber = model_perturber(self._bilevel_model())
         self.engine = BilevelEngine(params, self.upper, hparams, seed=self.args.seed, perturber=perturber)
         # Sketched tensors: r-dim coordinates a of U, zero before every step. Full-space ones (U = I):
         # θ itself, as in a plain Trainer (a zero copy of θ would only add its size in memory).
@@ -322,53 +321,26 @@ class BROSTrainer(Trainer):
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> Tensor:
+        """One micro-batch: the engine's terms on it and an upper batch, accumulated; the updates at
+        the accumulation boundary (:meth:`_finish_step`)."""
         model.train()
         inputs = self._prepare_inputs(inputs)
-        engine = self.engine
-        if self._micro_steps == 0:
-            if engine.begin_step():
-                self._reset_subspace_optimizer_state()
-            self._accumulated = {}
+        if self._accumulated is None and self.engine.begin_step():
+            self._reset_subspace_optimizer_state()
         keys = inputs[KEY_COLUMN]
         upper_batch = self._prepare_inputs(self.upper_stream.next_batch())
-
-        def lower_loss(lam: Tensor, params: dict[str, Tensor]) -> Tensor:
-            losses = self._losses(params, inputs)
-            return (self.upper.coefficients(keys, lam).to(losses.dtype) * losses).mean()
-
-        def upper_pass() -> tuple[Tensor, dict[str, Tensor]]:
-            return engine.upper_terms(lambda p: self._losses(p, upper_batch).mean())
-
-        # Whatever a pass returns is held through the passes after it, so the pass with the highest peak runs
-        # first: the double backward (autograd); with finite differences, the upper pass, so that no full-size
-        # lower gradient (full-space tensors) is held through another pass.
+        lower_loss = make_lower_loss(lambda params: self._losses(params, inputs), self.upper, keys)
         with self._second_order_context():
-            if self.args.hessian_mode == "autograd":
-                lower = engine.lower_terms(lower_loss)
-                upper_loss, upper_grad = upper_pass()
-            else:
-                upper_loss, upper_grad = upper_pass()
-                lower = engine.lower_terms(lower_loss)
-
+            terms = self.engine.compute_terms(lower_loss, lambda params: self._losses(params, upper_batch).mean())
         scale = 1.0 / self.current_gradient_accumulation_steps
-        terms = {
-            "grad": lower.grad,
-            "hessian_action": lower.hessian_action,
-            "upper_grad": upper_grad,
-            "cross": {"cross": lower.cross},
-            "losses": {"lower": lower.loss.reshape(1).float(), "upper": upper_loss.reshape(1).float()},
-        }
-        if self._domain_monitor is not None:  # all-reduced with the rest: presence counts over all processes
-            terms["domain_counts"] = {"counts": torch.bincount(keys, minlength=len(self.domains))}
-        for group, tensors in terms.items():
-            acc = self._accumulated.setdefault(group, {})
-            for name, value in tensors.items():
-                value = value.detach().float() * scale
-                acc[name] = acc[name] + value if name in acc else value
-        self._micro_steps += 1
+        share = terms.scaled(scale)
+        self._accumulated = share if self._accumulated is None else self._accumulated + share
+        if self._domain_monitor is not None:  # presence counts, all-reduced with the terms
+            counts = torch.bincount(keys, minlength=len(self.domains)).float() * scale
+            self._domain_counts = counts if self._domain_counts is None else self._domain_counts + counts
         if self.accelerator.sync_gradients:
             self._finish_step()
-        return lower.loss.detach().to(self.args.device) * scale
+        return terms.lower_loss.detach().to(self.args.device) * scale
 
     def _all_reduce_mean(self, groups: dict[str, dict[str, Tensor]]) -> None:
         """Average every accumulated tensor over processes with one flat all-reduce (in place)."""
@@ -386,53 +358,43 @@ class BROSTrainer(Trainer):
                 offset += t.numel()
 
     def _finish_step(self) -> None:
-        acc = self._accumulated
-        self._micro_steps = 0
-        self._all_reduce_mean(acc)
-        engine = self.engine
-        lower_loss = float(acc["losses"]["lower"])
-        upper_loss = float(acc["losses"]["upper"])
-        finite = (
-            math.isfinite(lower_loss)
-            and math.isfinite(upper_loss)
-            and all(
-                bool(torch.isfinite(t).all())
-                for group in ("grad", "hessian_action", "upper_grad", "cross")
-                for t in acc[group].values()
-            )
-        )
-        hypergradient = -acc["cross"]["cross"]
-        self._skip_lower = not finite
+        """All-reduce the accumulated terms, then :meth:`BilevelEngine.apply`: z, h, λ, and the lower
+        coordinate gradient handed to the Trainer's optimizer (which steps right after)."""
+        groups = self._accumulated.groups()
+        if self._domain_counts is not None:
+            groups["domain_counts"] = {"counts": self._domain_counts}
+        self._accumulated = self._domain_counts = None
+        self._all_reduce_mean(groups)
         if self._domain_monitor is not None:
-            self._domain_monitor.observe(acc["domain_counts"]["counts"], step=self.state.global_step + 1)
-        if finite:
-            engine.update_auxiliary(acc["hessian_action"], acc["upper_grad"])
-            engine.update_upper(hypergradient)
-            for name, coordinate in self._coordinates.items():
-                coordinate.grad = acc["grad"][name].to(coordinate.dtype)
-        else:
+            self._domain_monitor.observe(groups["domain_counts"]["counts"], step=self.state.global_step + 1)
+        stats = self.engine.apply(Terms.from_groups(groups), self._hand_to_optimizer)
+        if stats.skipped:
             warnings.warn(
                 f"Non-finite bilevel quantities at optimizer step {self.state.global_step + 1} (lower loss "
-                f"{lower_loss}, upper loss {upper_loss}): skipping the lower, auxiliary and upper updates of this "
-                "step. Look for NaN/inf in that step's training or upper batch; if the losses overflow, lower "
-                "learning_rate / aux_learning_rate or train in bf16 instead of fp16.",
+                f"{stats.lower_loss}, upper loss {stats.upper_loss}): skipping the lower, auxiliary and upper "
+                "updates of this step. Look for NaN/inf in that step's training or upper batch; if the losses "
+                "overflow, lower learning_rate / aux_learning_rate or train in bf16 instead of fp16.",
                 RuntimeWarning,
                 stacklevel=2,
             )
-            for coordinate in self._coordinates.values():
-                coordinate.grad = None
-        engine.end_step()
         if self.args.upper_level == "domain":
             self.mixture_history.append(self.upper.weights().tolist())
-        self._record_metrics(lower_loss, upper_loss, hypergradient, finite)
+        self._record_metrics(stats)
 
-    def _record_metrics(self, lower_loss: float, upper_loss: float, hypergradient: Tensor, finite: bool) -> None:
+    def _hand_to_optimizer(self, grad: dict[str, Tensor] | None) -> None:
+        """The lower update of :meth:`BilevelEngine.apply`: Uᵀ∇g becomes the coordinates' ``.grad`` for the
+        Trainer's optimizer step (``None`` on a skipped step: no update, no fold into θ)."""
+        self._skip_lower = grad is None
+        for name, coordinate in self._coordinates.items():
+            coordinate.grad = None if grad is None else grad[name].to(coordinate.dtype)
+
+    def _record_metrics(self, stats: StepStatistics) -> None:
         m = self._metrics
-        m["bilevel/upper_loss"].append(upper_loss)
-        m["bilevel/lower_loss"].append(lower_loss)
-        m["bilevel/hypergrad_norm"].append(float(hypergradient.norm()) if finite else float("nan"))
-        m["bilevel/z_norm"].append(float(global_norm(self.engine.z)))
-        m["bilevel/skipped_steps"].append(0.0 if finite else 1.0)
+        m["bilevel/upper_loss"].append(stats.upper_loss)
+        m["bilevel/lower_loss"].append(stats.lower_loss)
+        m["bilevel/hypergrad_norm"].append(stats.hypergradient_norm)
+        m["bilevel/z_norm"].append(stats.z_norm)
+        m["bilevel/skipped_steps"].append(1.0 if stats.skipped else 0.0)
         if self.args.upper_level == "domain":
             for name, weight in self.upper.as_dict().items():
                 m[f"mixture/{name}"].append(weight)
@@ -481,102 +443,6 @@ class BROSTrainer(Trainer):
             "domains": list(self.domains or []),
         }
 
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """``Trainer._save_checkpoint`` made atomic: write ``tmp-checkpoint-N``, rename it ``checkpoint-N``.
-
-        transformers (5.x) writes ``checkpoint-N`` in place and has no atomic save: a process killed
-        mid-save leaves a half-written folder that ``get_last_checkpoint`` resumes from. So this is
-        the same sequence of steps, hand-written, into a staging folder that only becomes
-        ``checkpoint-N`` (one ``os.replace`` by the saving process) once every rank has written its
-        files. Before anything is written, the ranks must agree bit for bit on λ, h, z and θ.
-        """
-        self._check_ranks_agree()
-        if self.hp_search_backend is None and trial is None:
-            self.store_flos()
-        run_dir = self._get_output_dir(trial=trial)
-        final_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        staging_dir = os.path.join(run_dir, STAGING_PREFIX + os.path.basename(final_dir))
-        if self.args.should_save:
-            remove_staging_folders(run_dir)  # left by a crashed save; nobody writes into them now
-        self.accelerator.wait_for_everyone()
-        self._track_best_checkpoint(run_dir)
-        self._write_checkpoint(staging_dir)
-        self.accelerator.wait_for_everyone()  # every rank's files are in the staging folder
-        if self.args.should_save:
-            publish_folder(staging_dir, final_dir)
-        self.accelerator.wait_for_everyone()  # nobody rotates, pushes or reads before the rename
-        if self.args.push_to_hub:
-            self._push_from_checkpoint(final_dir)
-        if self.args.should_save:
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
-
-    def _write_checkpoint(self, output_dir: str) -> None:
-        """Every file of a checkpoint, as ``Trainer._save_checkpoint`` writes them, plus the learned weights."""
-        self.save_model(output_dir, _internal_call=True)
-        if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(output_dir)
-            self._save_scaler(output_dir)
-            self._save_rng_state(output_dir)
-        if self.args.should_save:
-            self._store_callback_states()
-            self.state.save_to_json(os.path.join(output_dir, TRAINER_STATE_NAME))
-            if self.engine is not None:
-                self.export_weights(output_dir)
-                save_plot(self, output_dir)
-
-    def _track_best_checkpoint(self, run_dir: str) -> None:
-        """As the Trainer does, but by final folder name: the current step's folder does not exist yet."""
-        best_step = self.state.best_global_step
-        saving_steps = (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
-        if not best_step or self.args.save_strategy not in saving_steps:
-            return
-        best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")
-        if best_step == self.state.global_step or os.path.exists(best_dir):
-            self.state.best_model_checkpoint = best_dir
-
-    def _store_callback_states(self) -> None:
-        """As the Trainer does: record stateful callbacks (and the TrainerControl) in the trainer state."""
-        candidates = [*self.callback_handler.callbacks, self.control]
-        for callback in (cb for cb in candidates if isinstance(cb, ExportableState)):
-            name = callback.__class__.__name__
-            if isinstance(self.state.stateful_callbacks[name], list):
-                self.state.stateful_callbacks[name].append(callback.state())
-            else:
-                self.state.stateful_callbacks[name] = callback.state()
-
-    def _consistency_fingerprints(self) -> dict[str, dict[str, str]]:
-        """SHA-256 per tensor of λ, h, z and θ (trainable parameters), keyed by quantity then tensor name."""
-        quantities = {
-            "λ (upper.logits)": {"logits": self.upper.logits},
-            "h (upper.momentum)": {"momentum": self.upper.momentum},
-            "z (engine.z)": self.engine.z,
-            "θ (trainable parameters)": self.engine.params,
-        }
-        return {q: {n: tensor_digest(t) for n, t in tensors.items()} for q, tensors in quantities.items()}
-
-    def _check_ranks_agree(self) -> None:
-        """Raise if λ, h, z or θ differ in any bit across processes (no-op on one process).
-
-        Every update is computed from all-reduced quantities, so any difference is a bug (or a
-        non-deterministic kernel); a checkpoint saved then would resume each rank differently.
-        Every rank receives all fingerprints and raises the same error, so none waits in a barrier.
-        """
-        if self.engine is None or self.accelerator.num_processes == 1:
-            return
-        gathered: list[Any] = [None] * self.accelerator.num_processes
-        dist.all_gather_object(gathered, self._consistency_fingerprints())
-        mismatches = rank_mismatches(gathered)
-        if mismatches:
-            raise RuntimeError(
-                f"Cross-rank consistency check failed at step {self.state.global_step}; no checkpoint was saved "
-                "for this step. " + " ".join(mismatches)
-            )
-
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         os.makedirs(output_dir, exist_ok=True)
@@ -614,77 +480,43 @@ class BROSTrainer(Trainer):
         self.mixture_history = state["mixture_history"].tolist()
 
     def export_weights(self, output_dir: str) -> str:
-        """Write mixture_weights.json / sample_weights.json (atomically) and a PNG plot into ``output_dir``."""
-        os.makedirs(output_dir, exist_ok=True)
+        """Write mixture_weights.json / sample_weights.json (atomically) into ``output_dir``; returns its path."""
         step = self.state.global_step
         if self.args.upper_level == "domain":
-            payload = {
-                "domains": list(self.domains),
-                "final": self.mixture_weights(),
-                "average": self.average_mixture_weights(),
-                "step": step,
-            }
-            path = os.path.join(output_dir, "mixture_weights.json")
+            payload = mixture_payload(self.domains, self.mixture_weights(), self.average_mixture_weights(), step)
+            path = os.path.join(output_dir, MIXTURE_FILE)
         else:
-            weights = self.sample_weights().tolist()
-            payload = {"step": step, "weights": {str(i): w for i, w in enumerate(weights)}}
-            path = os.path.join(output_dir, "sample_weights.json")
+            payload = sample_weights_payload(self.sample_weights().tolist(), step)
+            path = os.path.join(output_dir, SAMPLE_WEIGHTS_FILE)
         write_json_atomic(path, payload)
         return path
 
+    def save_plot(self, output_dir: str) -> str | None:
+        """The mixture trajectory (domain mode) or the histogram of example weights (sample mode) as a PNG."""
+        method = self.args.bilevel_method
+        if self.args.upper_level == "domain":
+            path = os.path.join(output_dir, "mixture_weights.png")
+            return plot_mixture_history(self.mixture_history, self.domains, path, f"Learned domain mixture ({method})")
+        path = os.path.join(output_dir, "sample_weights.png")
+        return plot_sample_weights(self.sample_weights().tolist(), path, f"Learned example weights ({method})")
 
-def tensor_digest(tensor: Tensor) -> str:
-    """SHA-256 of a tensor's dtype, shape and raw bytes: equal digests mean bit-identical tensors."""
-    flat = tensor.detach().contiguous().reshape(-1).cpu()
-    digest = hashlib.sha256(f"{flat.dtype}{tuple(tensor.shape)}".encode())
-    digest.update(flat.view(torch.uint8).numpy())
-    return digest.hexdigest()
+    def _write_extra_files(self, output_dir: str) -> None:
+        """Each checkpoint also holds the learned weights (JSON and PNG)."""
+        if self.engine is not None:
+            self.export_weights(output_dir)
+            self.save_plot(output_dir)
 
+    def _export_at_end(self, output_dir: str) -> None:
+        if self.is_world_process_zero():
+            self._write_extra_files(output_dir)
 
-def rank_mismatches(fingerprints: Sequence[Mapping[str, Mapping[str, str]]], shown: int = 3) -> list[str]:
-    """One sentence per quantity whose tensors differ across ranks, naming the tensors and the ranks.
-
-    ``fingerprints[rank][quantity][tensor name]`` is a digest; ranks are grouped by equal digests,
-    e.g. "z (engine.z) differs across ranks: net.0.weight (ranks [0] vs [1])".
-    """
-    sentences = []
-    for quantity in fingerprints[0]:
-        names = dict.fromkeys(name for ranks in fingerprints for name in ranks[quantity])
-        differing = []
-        for name in names:
-            groups: dict[str | None, list[int]] = defaultdict(list)
-            for rank, ranks in enumerate(fingerprints):
-                groups[ranks[quantity].get(name)].append(rank)
-            if len(groups) > 1:
-                differing.append(f"{name} (ranks " + " vs ".join(str(r) for r in groups.values()) + ")")
-        if differing:
-            more = f" and {len(differing) - shown} more tensors" if len(differing) > shown else ""
-            sentences.append(f"{quantity} differs across ranks: {', '.join(differing[:shown])}{more}.")
-    return sentences
-
-
-def remove_staging_folders(run_dir: str) -> None:
-    """Delete ``tmp-checkpoint-*`` folders: leftovers of saves that crashed before their rename."""
-    if not os.path.isdir(run_dir):
-        return
-    for name in os.listdir(run_dir):
-        path = os.path.join(run_dir, name)
-        if _STAGING_FOLDER.match(name) and os.path.isdir(path):
-            shutil.rmtree(path)
-
-
-def publish_folder(staging_dir: str, final_dir: str) -> None:
-    """Rename a complete staging folder to its final name, replacing an existing folder of that name.
-
-    ``os.replace`` cannot replace a non-empty folder, so an existing one (a re-run of the same step
-    after resuming from an earlier checkpoint) is first renamed aside, under a staging name, and
-    deleted last: at every instant ``final_dir`` is absent or a complete checkpoint.
-    """
-    if os.path.isdir(final_dir):
-        aside = f"{staging_dir}.replaced"
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(final_dir, aside)
-        os.replace(staging_dir, final_dir)
-        shutil.rmtree(aside)
-    else:
-        os.replace(staging_dir, final_dir)
+    def _replicated_state(self) -> dict[str, Mapping[str, Tensor]]:
+        """λ, h, z and θ: every process computes them from all-reduced terms, so they must agree bit for bit."""
+        if self.engine is None:
+            return {}
+        return {
+            "λ (upper.logits)": {"logits": self.upper.logits},
+            "h (upper.momentum)": {"momentum": self.upper.momentum},
+            "z (engine.z)": self.engine.z,
+            "θ (trainable parameters)": self.engine.params,
+        }

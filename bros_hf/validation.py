@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 from torch import Tensor, nn
 from transformers.utils import logging
 
+from bros_hf.core.sketch import is_sketched, sketched_dim
 from bros_hf.losses import IGNORE_INDEX
-from bros_hf.sketch import is_sketched, sketched_dim
 
 logger = logging.get_logger(__name__)
 

@@ -1,4 +1,4 @@
-"""Plumbing shared by the recipes: recipe defaults merged into the parsed arguments, logging, report file.
+"""Plumbing shared by the recipes: recipe defaults merged into the parsed arguments, logging.
 
 Each recipe imports it as a sibling module (``from _common import ...``); the recipes put their own
 folder on ``sys.path`` first, so this works when they run as scripts and when tests load them by path.
@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
 from typing import Any
 
 import datasets
@@ -89,19 +87,8 @@ def setup_logging(logger: logging.Logger, args: TrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(level)
 
 
-def write_json_atomic(path: str, payload: Any) -> None:
-    """``json.dump`` (indent 2; what JSON lacks as ``str``) to a temporary file, then ``os.replace`` it
-    into ``path``, so a crash never leaves a half-written file under the final name."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, default=str)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def close_process_group() -> None:
+    """Destroy the torch.distributed process group, if any, before the interpreter exits (a gloo group
+    left to interpreter teardown can abort a finished rank: "terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

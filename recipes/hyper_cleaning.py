@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass, field
 
 from transformers import HfArgumentParser
 
-from bros_hf.digits import HyperCleaningConfig, load_noisy_digits, run_hyper_cleaning, train_plain
+from bros_hf.export import write_json_atomic
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipes/_common.py, also when loaded by path
-from _common import write_json_atomic  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules, also when loaded by path
+from digits import HyperCleaningConfig, load_noisy_digits, run_hyper_cleaning, train_plain  # noqa: E402
 
 _DEFAULTS = HyperCleaningConfig()
 

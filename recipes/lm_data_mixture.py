@@ -7,7 +7,7 @@ dataclasses (``ModelArguments``, ``DataArguments``, :class:`bros_hf.BROSConfig`)
 
 The bilevel problem: the lower level trains the model on a mixture w = softmax(λ) of the training
 domains, the upper level moves λ so that the loss on a *target* set goes down. By default everything
-is local (no hub): the corpus is :func:`bros_hf.local_corpus.build_local_corpus` (Python standard
+is local (no hub): the corpus is :func:`local_corpus.build_local_corpus` (recipes/local_corpus.py) (Python standard
 library source ``code``, its docstrings ``prose``, ``help()`` topics ``docs``, package licenses
 ``legal``), a byte-level BPE tokenizer is trained on its train split, and a small Llama-style model is
 built from a config. The target set is the ``target`` split of ``--target_domains`` (default
@@ -72,10 +72,11 @@ from transformers import (
 )
 
 from bros_hf import BROSConfig, BROSTrainer
-from bros_hf.local_corpus import build_local_corpus, tokenize_and_group, train_bpe_tokenizer
+from bros_hf.export import write_json_atomic
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipes/_common.py, also when loaded by path
-from _common import parse_with_defaults, setup_logging, write_json_atomic  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules, also when loaded by path
+from _common import close_process_group, parse_with_defaults, setup_logging  # noqa: E402
+from local_corpus import build_local_corpus, tokenize_and_group, train_bpe_tokenizer  # noqa: E402
 
 logger = logging.getLogger("lm_data_mixture")
 
@@ -981,3 +982,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    close_process_group()

@@ -20,7 +20,7 @@ optimizer settings (optimizer, learning rate, schedule, batch size, weight decay
 (c) plain ``transformers.Trainer`` on the uncorrupted training examples only (an oracle).
 
 Reported: test accuracy of each, and how well the learned weights flag the corrupted examples (AUROC,
-F1 of "corrupted iff weight < 0.5", see :func:`bros_hf.digits.detection_metrics`).
+F1 of "corrupted iff weight < 0.5", see :func:`digits.detection_metrics` (recipes/digits.py)).
 
 Quick start (offline, CPU, about 2 minutes on 2 idle cores): scikit-learn's digits (8×8 grey images,
 upsampled to 16×16; 997 noisy train / 300 clean validation / 500 test), 40% uniform label noise, a tiny
@@ -90,10 +90,11 @@ from transformers import (
 )
 
 from bros_hf import BROSConfig, BROSTrainer
-from bros_hf.digits import corrupt_labels, detection_metrics, load_noisy_digits
+from bros_hf.export import write_json_atomic
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipes/_common.py, also when loaded by path
-from _common import parse_with_defaults, setup_logging, write_json_atomic  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules, also when loaded by path
+from _common import close_process_group, parse_with_defaults, setup_logging  # noqa: E402
+from digits import corrupt_labels, detection_metrics, load_noisy_digits  # noqa: E402
 
 logger = logging.getLogger("vit_sample_reweighting")
 
@@ -302,7 +303,7 @@ def digits_pixels(x: np.ndarray, image_size: int, num_channels: int) -> np.ndarr
 
 
 def load_digits_data(data_args: DataArguments, image_size: int, num_channels: int) -> NoisyImageData:
-    """scikit-learn digits via :func:`bros_hf.digits.load_noisy_digits`, as tensors shaped for the model."""
+    """scikit-learn digits via :func:`digits.load_noisy_digits`, as tensors shaped for the model."""
     noisy = load_noisy_digits(
         data_args.noise_rate, data_args.noise_kind, seed=data_args.noise_seed,
         val_size=data_args.val_size, test_size=data_args.test_size,
@@ -690,3 +691,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    close_process_group()

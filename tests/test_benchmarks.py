@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from benchmarks.run import METHODS, REPO_ROOT, make_spec, run_child
-from bros_hf.estimators import DEFAULT_FD_EPS
+from bros_hf.core.estimators import DEFAULT_FD_EPS
 
 RESULT_FIELDS = {
     "peak_mb": float,

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bros_hf.trainer import rank_mismatches, tensor_digest
+from bros_hf.checkpointing import rank_mismatches, tensor_digest
 from tests.ddp_train import PERTURB_Z_ENV
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_train.py")
@@ -42,7 +42,7 @@ def run(command: list[str], env: dict[str, str] | None = None) -> subprocess.Com
 
 
 def ddp_command(output_dir: Path, *extra: str) -> list[str]:
-    """Two CPU processes; `--cpu --num_processes 2` would silently start one (DESIGN.md §4)."""
+    """Two CPU processes; `--cpu --num_processes 2` would silently start one."""
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

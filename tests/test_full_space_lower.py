@@ -13,10 +13,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser
 
 from bros_hf import BROSConfig, BROSTrainer, DomainMixture, Sketch, lower_pass
-from bros_hf.estimators import DEFAULT_FD_EPS, SubspaceVector, _Coordinates, global_norm
-from bros_hf.lowrank import LowRankPerturber
-from bros_hf.modules import full_space_parameter_names
-from bros_hf.solver import BilevelEngine, BilevelHyperparameters
+from bros_hf.core.engine import BilevelEngine, BilevelHyperparameters
+from bros_hf.core.estimators import DEFAULT_FD_EPS, SubspaceVector, _Coordinates, global_norm
+from bros_hf.modules import full_space_parameter_names, model_perturber
 from tests import test_trainer_lm as lm
 from tests.toy import tiny_llama
 
@@ -119,7 +118,7 @@ def test_lower_pass_full_space_tensors_get_the_exact_gradient(mode, hooks):
         full_grad, hess_d, cross = _exact(lower_loss, lam, params, direction)
         shifted = {n: p - delta * direction[n] for n, p in params.items()}
         shifted_grad = _exact(lower_loss, lam, shifted, direction)[0]
-        perturber = LowRankPerturber(model) if hooks else None
+        perturber = model_perturber(model) if hooks else None
         result = _full_space_pass(lower_loss, lam, params, (sketch_p, sketch_q, sketch_u), w, mode, perturber)
     assert set(result.grad) == set(result.hessian_action) == set(params)
     for name in params:

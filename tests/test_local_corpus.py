@@ -1,12 +1,11 @@
-"""Tests for bros_hf.local_corpus: the offline multi-domain corpus, tokenizer and block grouping."""
+"""Tests for recipes/local_corpus.py: the offline multi-domain corpus, tokenizer and block grouping."""
 
 from __future__ import annotations
 
 import datasets
+import local_corpus
 import pytest
-
-from bros_hf import local_corpus
-from bros_hf.local_corpus import DOMAINS, SPLITS, build_local_corpus, tokenize_and_group, train_bpe_tokenizer
+from local_corpus import DOMAINS, SPLITS, build_local_corpus, tokenize_and_group, train_bpe_tokenizer
 
 SMALL = {"max_docs_per_domain": 30, "chunk_chars": 1000}
 

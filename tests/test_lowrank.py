@@ -9,9 +9,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from bros_hf import DomainMixture, Sketch, lower_pass
-from bros_hf.estimators import SubspaceVector, _CommonRandomNumbers, _first_order
+from bros_hf.core.estimators import SubspaceVector, _CommonRandomNumbers, _first_order
 from bros_hf.losses import per_example_losses
-from bros_hf.lowrank import LowRankPerturber
+from bros_hf.modules import model_perturber
 from tests.toy import tiny_llama
 
 
@@ -39,7 +39,7 @@ def test_hooks_match_materialised_perturbation(mode, separate_lower):
     sketch_p, sketch_q = Sketch.sample(params, 8, generator), Sketch.sample(params, 8, generator)
     sketch_u = Sketch.sample(params, 8, generator) if separate_lower else None
     z = {n: torch.randn_like(p) * 0.01 for n, p in params.items()}
-    hooks = LowRankPerturber(model)
+    hooks = model_perturber(model)
     assert "transformer.wte.weight" in hooks.modules and len(hooks.modules["transformer.wte.weight"]) == 2
     results = []
     with sdpa_kernel(SDPBackend.MATH):
@@ -100,7 +100,7 @@ def test_finite_difference_pass_matches_double_backward(rank):
         sketch_p, sketch_q = Sketch.sample(params, rank, generator), Sketch.sample(params, rank, generator)
     z = {n: torch.randn_like(p) for n, p in params.items()}
     direction = SubspaceVector(sketch_q, sketch_q.reduce(z))
-    perturber = LowRankPerturber(model)
+    perturber = model_perturber(model)
     with sdpa_kernel(SDPBackend.MATH):
         exact, fd = (
             lower_pass(
@@ -168,7 +168,7 @@ def test_first_order_pass_saves_no_more_than_a_plain_training_step():
             params,
             [sketch_u, sketch_p],
             shift,
-            LowRankPerturber(model),
+            model_perturber(model),
             _CommonRandomNumbers(),
             True,
         )

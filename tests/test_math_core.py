@@ -21,7 +21,7 @@ from bros_hf import (
     cross_term,
     hessian_action,
 )
-from bros_hf.sketch import is_sketched, random_matrix
+from bros_hf.core.sketch import is_sketched, random_matrix
 
 
 @pytest.fixture(autouse=True)
@@ -409,8 +409,7 @@ def test_probes_are_fresh_every_step_and_the_lower_subspace_every_T_steps():
 def test_noisy_digits_loader_and_detection_metrics():
     pytest.importorskip("sklearn")
     import numpy as np
-
-    from bros_hf.digits import detection_metrics, load_noisy_digits
+    from digits import detection_metrics, load_noisy_digits
 
     data = load_noisy_digits(noise_rate=0.4, noise_kind="uniform", seed=3)
     again = load_noisy_digits(noise_rate=0.4, noise_kind="uniform", seed=3)
@@ -470,7 +469,7 @@ def test_hyper_cleaning_bros_matches_full_space():
     # Measured (seeds 0-4): AUROC MA-SOBA 0.966-0.983, BROS 0.969-0.987; accuracy gap ≤ 0.4 points
     # (seed 0: 94.4 % vs 94.6 %); plain training on the noisy labels: 83.6-89.8 %.
     pytest.importorskip("sklearn")
-    from bros_hf.digits import HyperCleaningConfig, load_noisy_digits, run_hyper_cleaning
+    from digits import HyperCleaningConfig, load_noisy_digits, run_hyper_cleaning
 
     data = load_noisy_digits(noise_rate=0.4, noise_kind="uniform", seed=0)
     assert 0.39 < data.is_corrupted.mean() < 0.41

@@ -17,7 +17,7 @@ import torch
 from transformers import TrainerCallback
 
 from bros_hf import BROSTrainer
-from bros_hf.estimators import global_norm
+from bros_hf.core.estimators import global_norm
 from tests.test_trainer import LogCapture, make_args
 from tests.toy import TinyClassifier, three_domain_toy
 

@@ -171,3 +171,46 @@ def test_sample_mode_weights_align_with_dataset(tmp_path, toy):
     exported = json.loads((tmp_path / "out" / "sample_weights.json").read_text())
     assert len(exported["weights"]) == len(toy[0])
     assert os.path.exists(tmp_path / "out" / "sample_weights.png")
+
+
+def test_trainer_step_is_the_engine_step(tmp_path, toy, monkeypatch):
+    """One definition of the step: BROSTrainer with plain SGD (constant lr, no clipping, no decay) moves θ,
+    z and λ exactly as ``BilevelEngine.step`` does on the same batches, from the same initial state."""
+    from bros_hf import BilevelEngine
+    from bros_hf.modules import model_perturber
+
+    recorded = []
+    original = BilevelEngine.compute_terms
+
+    def recording(engine, lower_loss_fn, upper_loss_fn):
+        recorded.append((lower_loss_fn, upper_loss_fn))
+        return original(engine, lower_loss_fn, upper_loss_fn)
+
+    monkeypatch.setattr(BilevelEngine, "compute_terms", recording)
+    args = make_args(
+        tmp_path, max_steps=6, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0
+    )
+    torch.manual_seed(args.seed)
+    model = TinyClassifier()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = BROSTrainer(model=model, args=args, train_dataset=toy[0], upper_dataset=toy[1])
+    trainer.train()
+    monkeypatch.undo()
+    assert len(recorded) == 6
+
+    # Replay: a fresh engine over a copy of the initial weights, driven by the recorded batch closures.
+    params = {n: p.clone() for n, p in initial.items()}
+    engine = BilevelEngine(
+        params,
+        type(trainer.upper)(trainer.domains),
+        trainer.engine.hparams,
+        seed=args.seed,
+        perturber=model_perturber(trainer.model),
+    )
+    for lower_loss_fn, upper_loss_fn in recorded:
+        assert not engine.step(lower_loss_fn, upper_loss_fn, args.learning_rate).skipped
+    for name, param in trainer.engine.params.items():
+        torch.testing.assert_close(params[name], param.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(engine.z[name], trainer.engine.z[name], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(engine.upper.logits, trainer.upper.logits, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(trainer.upper.logits, torch.zeros(3)), "λ moved: the comparison is not vacuous"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import datasets
+import digits  # recipes/digits.py (tests/conftest.py puts recipes/ on sys.path)
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,6 @@ from bros_hf import BROSConfig, BROSTrainer
 from tests.test_trainer import make_args
 from tests.toy import TinyClassifier
 
-digits = pytest.importorskip("bros_hf.digits")
 pytest.importorskip("sklearn")
 
 

@@ -23,7 +23,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bros_hf.upper import SAMPLE_LOGIT_BOUND, DomainMixture, SampleWeights
+from bros_hf.core.upper import SAMPLE_LOGIT_BOUND, DomainMixture, SampleWeights
 
 SETTINGS = settings(max_examples=60, deadline=None)
 NON_FINITE = [math.nan, math.inf, -math.inf]

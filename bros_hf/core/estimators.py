@@ -1,7 +1,7 @@
 """Gradient, Hessian-action and cross-term estimators in random subspaces.
 
 Pure functions on dicts of named tensors (``torch.func.functional_call`` style): no Trainer,
-no module state. Notation (DESIGN.md §1-2): lower loss g(λ, θ), H = ∇²_θθ g, sketches P (the
+no module state. Notation (docs/method.md): lower loss g(λ, θ), H = ∇²_θθ g, sketches P (the
 auxiliary update's subspace), Q (the second, independent probe) and U (the lower update's subspace).
 
 Everything goes through one primitive, :func:`lower_pass`, which evaluates g at
@@ -19,7 +19,7 @@ backward yields both second-order terms) or by central differences of first-orde
 θ ± δd (``mode="finite_difference"``: two plain backward passes yield all three terms, no
 second-order graph, O(δ²) bias, memory of a plain backward).
 
-BROS uses d = S_Q z for both second-order terms. DESIGN.md writes the cross term with S_P z; S_Q z
+BROS uses d = S_Q z for both second-order terms. The paper writes the cross term with S_P z; S_Q z
 is unbiased for the same reason (E[Q Qᵀ] = I, Q independent of z, λ, θ), and sharing d is what
 lets one pair of passes produce everything.
 """
@@ -35,7 +35,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from bros_hf.sketch import Sketch, SketchKind
+from bros_hf.core.sketch import Sketch, SketchKind
 
 HessianMode = Literal["autograd", "finite_difference"]
 # Relative finite-difference step δ‖d‖ / max(‖θ‖, 1); see _lower_pass_finite_difference for why 2e-3.
@@ -176,17 +176,14 @@ class _Coordinates:
         return [{name: by_leaf[id(t)] for name, t in group.items()} for group in self.leaves]
 
 
-def _distinct(*sketches: Sketch | None) -> list[Sketch]:
-    """The sketches to probe, each once (the lower sketch is usually P itself)."""
-    out: list[Sketch] = []
-    for sketch in sketches:
-        if sketch is not None and all(sketch is not other for other in out):
-            out.append(sketch)
-    return out
-
-
-def _position(sketches: list[Sketch], sketch: Sketch | None) -> int | None:
-    return None if sketch is None else next(i for i, other in enumerate(sketches) if other is sketch)
+def _probed(sketch_p: Sketch | None, lower_sketch: Sketch | None) -> tuple[list[Sketch], int | None, int | None]:
+    """The sketches whose coordinates a pass probes, and the positions of U and P among them:
+    none (cross term only), [P] (U is P) or [U, P]."""
+    if sketch_p is None:
+        return [], None, None
+    if lower_sketch is sketch_p:
+        return [sketch_p], 0, 0
+    return [lower_sketch, sketch_p], 0, 1
 
 
 def lower_pass(
@@ -219,7 +216,7 @@ def lower_pass(
             (loss values), so the step trades O(δ²) bias against float32 round-off of both; see
             :func:`_lower_pass_finite_difference` for the measurements behind the default.
         perturber: how θ + Σ c_k B_k w_k reaches ``lower_loss_fn`` (default: materialised tensors;
-            :class:`bros_hf.lowrank.LowRankPerturber` adds low-rank terms inside the layers instead).
+            :class:`bros_hf.core.lowrank.LowRankPerturber` adds low-rank terms inside the layers instead).
     """
     if with_cross and direction is None:
         raise ValueError("The cross term ∂_λ⟨∇_θ g, d⟩ needs a direction d.")
@@ -244,7 +241,7 @@ def _lower_pass_autograd(
     lower_loss_fn, lam, params, sketch_p, lower_sketch, direction, with_cross, perturber
 ) -> LowerPassResult:
     """g at θ + U b + P a + t d; ∂g/∂b, then one backward of ∂g/∂t (with graph) to (a, λ)."""
-    sketches = _distinct(lower_sketch, sketch_p)
+    sketches, lower_index, p_index = _probed(sketch_p, lower_sketch)
     coords = _Coordinates(params, sketches)
     t = torch.zeros((), requires_grad=True) if direction is not None else None
     lam_leaf = lam.detach().clone().requires_grad_(with_cross)
@@ -262,7 +259,7 @@ def _lower_pass_autograd(
     hessian_action = cross = None
     if t is not None:
         # ∂²g/∂t∂a = Pᵀ H d and ∂²g/∂t∂λ = ∂_λ⟨∇_θ g, d⟩ from the same second backward.
-        p_coords = coords.leaves[_position(sketches, sketch_p)] if sketch_p is not None else {}
+        p_coords = coords.leaves[p_index] if p_index is not None else {}
         targets = list(p_coords.values()) + ([lam_leaf] if with_cross else [])
         dg_dt = first[-1]
         if dg_dt is None or not dg_dt.requires_grad:
@@ -273,7 +270,6 @@ def _lower_pass_autograd(
             hessian_action = {n: h.detach() for n, h in zip(p_coords, second, strict=False)}
         if with_cross:
             cross = second[-1].detach()
-    lower_index = _position(sketches, lower_sketch)
     return LowerPassResult(
         loss=loss.detach(),
         grad=None if lower_index is None else grads[lower_index],
@@ -343,8 +339,7 @@ def _lower_pass_finite_difference(
     dominated by round-off below 1e-3 (7e-2 at 2e-4, 1e-3-7e-3 at 2e-3).
     """
     rng = _CommonRandomNumbers()
-    sketches = _distinct(lower_sketch, sketch_p)
-    lower_index, p_index = _position(sketches, lower_sketch), _position(sketches, sketch_p)
+    sketches, lower_index, p_index = _probed(sketch_p, lower_sketch)
     norm = direction.norm() if direction is not None else 0.0
     if norm == 0.0:
         with torch.set_grad_enabled(bool(sketches)):

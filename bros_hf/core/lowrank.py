@@ -4,7 +4,8 @@ For a weight W that a sketch views as [m, n] with basis B ∈ R^{n×r} and coord
 the perturbed weight W + c · w Bᵀ changes a layer's output by a rank-r term:
 
 - ``nn.Linear`` (W = [out, in], y = x Wᵀ):            Δy = c · (x B) wᵀ
-- GPT-2 ``Conv1D`` (W = [in, out], y = x W):           Δy = c · (x w) Bᵀ
+- transposed linear layers such as GPT-2's ``Conv1D`` (W = [in, out], y = x W + b; named by the
+  caller, so that this module needs torch only):     Δy = c · (x w) Bᵀ
 - ``nn.Embedding`` (W = [vocab, d], y = W[ids]):       Δy = c · w[ids] Bᵀ
 
 Forward hooks add these terms during a pass, so the weights themselves are used unchanged: no
@@ -17,7 +18,7 @@ both and computes only ∂g/∂a in backward (Linear: ∂g/∂yᵀ (x B); Conv1D
 rows of ∂g/∂y B added at the ids), saving the output-size product (x B) aᵀ and the backward through it.
 
 Tensors not used that way (biases, norms, convolutions, parameters used directly in a forward,
-full-space tensors) are materialised as in :class:`~bros_hf.estimators.MaterializedPerturber`; they
+full-space tensors) are materialised as in :class:`~bros_hf.core.estimators.MaterializedPerturber`; they
 are small or unsketched.
 """
 
@@ -30,14 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bros_hf.estimators import Probe, Shift
-
-try:  # GPT-2 style layers; transformers is a dependency, but keep this module importable alone
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = ()
-
-HOOKABLE = (nn.Linear, nn.Embedding, Conv1D) if Conv1D else (nn.Linear, nn.Embedding)
+from bros_hf.core.estimators import Probe, Shift
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -61,7 +55,7 @@ def _delta(module: nn.Module, inputs: tuple, terms: list[tuple[Tensor | float, T
             term = picked @ basis.to(picked.dtype).T
         elif isinstance(module, nn.Linear):
             term = F.linear(F.linear(x, basis.T.to(x.dtype)), coords.to(x.dtype))
-        else:  # Conv1D: y = x W + b with W = [in, out]
+        else:  # transposed linear (Conv1D): y = x W + b with W = [in, out]
             term = F.linear(F.linear(x, coords.T.to(x.dtype)), basis.to(x.dtype))
         total = term if total is None else total + term
     return total
@@ -111,15 +105,19 @@ class LowRankPerturber:
     ``model`` must be the module the loss function calls (e.g. through ``functional_call``);
     parameters are matched by name to ``model.named_parameters()``. ``params`` are used as given
     (the estimators pass θ detached, full-space tensors as leaves to differentiate by).
+    ``transposed_linear``: layer classes computing y = x W + b with W = [in, out] (GPT-2's
+    ``Conv1D``; :func:`bros_hf.modules.model_perturber` passes it); their weights are otherwise
+    materialised.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, transposed_linear: tuple[type[nn.Module], ...] = ()):
         self.model = model
+        hookable = (nn.Linear, nn.Embedding, *transposed_linear)
         owners = _owners(model)
         self.modules: dict[str, list[nn.Module]] = {}
         for name, param in model.named_parameters():
             holders = owners.get(id(param), [])
-            if holders and all(isinstance(m, HOOKABLE) and attr == "weight" for m, attr in holders):
+            if holders and all(isinstance(m, hookable) and attr == "weight" for m, attr in holders):
                 embedding_ok = all(
                     getattr(m, "max_norm", None) is None for m, _ in holders if isinstance(m, nn.Embedding)
                 )

@@ -1,6 +1,6 @@
 """Upper-level variables λ with the MA-SOBA moving-average update.
 
-Two parametrisations (DESIGN.md §1):
+Two parametrisations (docs/method.md):
 
 - :class:`DomainMixture`: K logits, mixture w = (1 − ε) softmax(λ) + ε / K (ε the floor). An example
   of domain d enters the lower loss with coefficient K · w_d, so the uniform mixture gives the

@@ -1,6 +1,6 @@
 """BROS and MA-SOBA steps on dicts of tensors, usable from any training loop.
 
-Per step k, with lower batch ξ and upper batch ζ (DESIGN.md §2):
+Per step k, with lower batch ξ and upper batch ζ (docs/method.md):
 
     θ ← θ − β S_U ∇_θ g(λ, θ; ξ)                            (through r-dim coordinates)
     z ← Π_R( z − γ_n S_P ( H S_Q z − ∇_θ f(θ; ζ) ) )         H = ∇²_θθ g(λ, θ; ξ)
@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from bros_hf.estimators import (
+from bros_hf.core.estimators import (
     DEFAULT_FD_EPS,
     HessianMode,
     LossFn,
@@ -39,8 +39,8 @@ from bros_hf.estimators import (
     global_norm,
     lower_pass,
 )
-from bros_hf.sketch import Sketch, SketchKind
-from bros_hf.upper import UpperVariable
+from bros_hf.core.sketch import Sketch, SketchKind
+from bros_hf.core.upper import UpperVariable
 
 Method = Literal["bros", "masoba"]
 
@@ -81,6 +81,61 @@ class BilevelHyperparameters:
 
 
 @dataclass
+class Terms:
+    """Everything one step needs from its batches, in the coordinates the updates use.
+
+    ``lower_grad`` = Uᵀ∇_θ g(λ, θ; ξ), ``hessian_action`` = Pᵀ H S_Q z, ``upper_grad`` = Pᵀ∇_θ f(θ; ζ),
+    ``cross`` = ∂_λ⟨∇_θ g, S_Q z⟩ (so D = −cross), and the two losses. Terms of several micro-batches
+    (or processes) combine linearly: ``sum(t.scaled(1 / n) for t in micro_batches)`` is their mean.
+    """
+
+    lower_loss: Tensor
+    upper_loss: Tensor
+    lower_grad: dict[str, Tensor]
+    hessian_action: dict[str, Tensor]
+    upper_grad: dict[str, Tensor]
+    cross: Tensor
+
+    def groups(self) -> dict[str, dict[str, Tensor]]:
+        """Every tensor, by group then name (a stable order, e.g. for one flat all-reduce)."""
+        return {
+            "lower_grad": self.lower_grad,
+            "hessian_action": self.hessian_action,
+            "upper_grad": self.upper_grad,
+            "cross": {"cross": self.cross},
+            "losses": {"lower": self.lower_loss, "upper": self.upper_loss},
+        }
+
+    @classmethod
+    def from_groups(cls, groups: Mapping[str, Mapping[str, Tensor]]) -> Terms:
+        """Inverse of :meth:`groups`."""
+        return cls(
+            lower_loss=groups["losses"]["lower"],
+            upper_loss=groups["losses"]["upper"],
+            lower_grad=dict(groups["lower_grad"]),
+            hessian_action=dict(groups["hessian_action"]),
+            upper_grad=dict(groups["upper_grad"]),
+            cross=groups["cross"]["cross"],
+        )
+
+    def scaled(self, factor: float) -> Terms:
+        """Detached float32 copies times ``factor`` (one micro-batch's share of an accumulated step)."""
+        groups = self.groups()
+        return Terms.from_groups(
+            {g: {n: t.detach().float() * factor for n, t in ts.items()} for g, ts in groups.items()}
+        )
+
+    def __add__(self, other: Terms) -> Terms:
+        mine, theirs = self.groups(), other.groups()
+        return Terms.from_groups({g: {n: t + theirs[g][n] for n, t in ts.items()} for g, ts in mine.items()})
+
+    def is_finite(self) -> bool:
+        """True when every entry of every term is finite (one host synchronisation)."""
+        checks = [torch.isfinite(t).all() for ts in self.groups().values() for t in ts.values()]
+        return bool(torch.stack(checks).all())
+
+
+@dataclass
 class StepStatistics:
     lower_loss: float
     upper_loss: float
@@ -89,11 +144,18 @@ class StepStatistics:
     skipped: bool
 
 
+LowerUpdate = Callable[[dict[str, Tensor] | None], None]
+"""Takes the lower coordinate gradient Uᵀ∇g of an accepted step and moves θ (through
+:meth:`BilevelEngine.apply_coordinates` or an optimizer over the coordinates); called with ``None``
+when the step is skipped."""
+
+
 class BilevelEngine:
     """State of one bilevel problem: θ (referenced, updated in place), z, sketches, λ (``upper``).
 
-    The Trainer adapter calls the granular methods (it accumulates and all-reduces between them);
-    :meth:`step` runs one whole SGD-lower step for custom loops.
+    A step is :meth:`begin_step`, :meth:`compute_terms` on each micro-batch, then :meth:`apply` on
+    their mean (the Trainer adapter accumulates micro-batches and all-reduces between the two);
+    :meth:`step` is all three for one batch pair with SGD on the lower level, for custom loops.
     """
 
     def __init__(
@@ -205,32 +267,64 @@ class BilevelEngine:
             param = self.params[name]
             param.add_(self.sketch_u.expand_one(name, delta, param.shape).to(param.dtype))
 
-    # -- whole step (custom loops) --------------------------------------------------------------
-    def step(
-        self,
-        lower_loss_fn: LowerLossFn,
-        upper_loss_fn: LossFn,
-        lower_lr: float,
-    ) -> StepStatistics:
-        """One BROS/MA-SOBA step with SGD on the lower level (θ ← θ − β S_U ∇g)."""
-        self.begin_step()
-        lower = self.lower_terms(lower_loss_fn)
-        upper_loss, upper_grad = self.upper_terms(upper_loss_fn)
-        terms = [lower.loss, upper_loss, lower.cross, *lower.grad.values(), *lower.hessian_action.values()]
-        finite = all(bool(torch.isfinite(t).all()) for t in [*terms, *upper_grad.values()])
-        hypergradient = -lower.cross
+    # -- one step: terms, then updates ----------------------------------------------------------
+    def compute_terms(self, lower_loss_fn: LowerLossFn, upper_loss_fn: LossFn) -> Terms:
+        """All terms of one micro-batch at the current iterates (call :meth:`begin_step` first).
+
+        Whatever a pass returns is held through the passes after it, so the pass with the highest
+        peak runs first: the double backward (autograd); with finite differences the upper pass,
+        so that no full-size lower gradient (full-space tensors) is held through another pass."""
+        if self.hparams.hessian_mode == "autograd":
+            lower = self.lower_terms(lower_loss_fn)
+            upper_loss, upper_grad = self.upper_terms(upper_loss_fn)
+        else:
+            upper_loss, upper_grad = self.upper_terms(upper_loss_fn)
+            lower = self.lower_terms(lower_loss_fn)
+        return Terms(
+            lower_loss=lower.loss,
+            upper_loss=upper_loss,
+            lower_grad=lower.grad,
+            hessian_action=lower.hessian_action,
+            upper_grad=upper_grad,
+            cross=lower.cross,
+        )
+
+    def apply(self, terms: Terms, lower_update: LowerUpdate) -> StepStatistics:
+        """The updates of one step from its (accumulated, all-reduced) terms, then the step counter.
+
+        If any term is non-finite the whole step is skipped (z, h, λ unchanged; ``lower_update(None)``);
+        otherwise z ← Π_R(z − γ_n P(Pᵀ H S_Q z − Pᵀ∇f)), h and λ with D = −cross, and
+        ``lower_update(Uᵀ∇g)``."""
+        finite = terms.is_finite()
+        hypergradient = -terms.cross
         if finite:
-            self.update_auxiliary(lower.hessian_action, upper_grad)
+            self.update_auxiliary(terms.hessian_action, terms.upper_grad)
             self.update_upper(hypergradient)
-            self.apply_coordinates({n: -lower_lr * g for n, g in lower.grad.items()})
+            lower_update(terms.lower_grad)
+        else:
+            lower_update(None)
         self.end_step()
         return StepStatistics(
-            lower_loss=float(lower.loss),
-            upper_loss=float(upper_loss),
-            hypergradient_norm=float(hypergradient.norm()),
+            lower_loss=float(terms.lower_loss),
+            upper_loss=float(terms.upper_loss),
+            hypergradient_norm=float(hypergradient.norm()) if finite else float("nan"),
             z_norm=float(global_norm(self.z)),
             skipped=not finite,
         )
+
+    def sgd(self, lower_lr: float) -> LowerUpdate:
+        """The lower update θ ← θ − β S_U ∇g (plain SGD in U's coordinates), for custom loops."""
+
+        def update(grad: dict[str, Tensor] | None) -> None:
+            if grad is not None:
+                self.apply_coordinates({n: -lower_lr * g for n, g in grad.items()})
+
+        return update
+
+    def step(self, lower_loss_fn: LowerLossFn, upper_loss_fn: LossFn, lower_lr: float) -> StepStatistics:
+        """One whole BROS/MA-SOBA step on one batch pair with SGD on the lower level (custom loops)."""
+        self.begin_step()
+        return self.apply(self.compute_terms(lower_loss_fn, upper_loss_fn), self.sgd(lower_lr))
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

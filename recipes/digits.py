@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from bros_hf.solver import BilevelEngine, BilevelHyperparameters, make_lower_loss
-from bros_hf.upper import SampleWeights
+from bros_hf.core.engine import BilevelEngine, BilevelHyperparameters, make_lower_loss
+from bros_hf.core.upper import SampleWeights
 
 NoiseKind = Literal["uniform", "pair"]
 NUM_CLASSES = 10
