@@ -11,8 +11,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The same environment and command as .ci/run.
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q -p no:cacheprovider
 
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) recipes/lm_data_mixture.py --output_dir outputs/lm_data_mixture

@@ -75,7 +75,7 @@ class BROSConfig(TrainingArguments):
             "help": "The lower update runs in a random subspace U redrawn every T optimizer steps; the lower "
             "optimizer's state lives in U's coordinates and is reset when U changes. The auxiliary probes P, Q "
             "are redrawn every step regardless. T=1 (U = P) is the analysed method; with AdamW, T=40 reached a "
-            "lower loss in the same number of steps (target loss vs MA-SOBA: -1.3 % vs +1.4 % at T=1; +49 % vs +95 % "
+            "lower loss in the same number of steps (target loss vs MA-SOBA: -1.3 vs +1.4 percent at T=1; +49 vs +95 percent "
             "with every matrix sketched; benchmarks/README.md), hence the default."
         },
     )

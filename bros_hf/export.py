@@ -39,15 +39,23 @@ def write_json_atomic(path: str, payload: Any) -> None:
 
 
 def mixture_payload(
-    domains: Sequence[str], final: Mapping[str, float], average: Mapping[str, float], step: int
+    domains: Sequence[str], final: Mapping[str, float], average: Mapping[str, float], step: int, upper_updates: int
 ) -> dict[str, Any]:
-    """The content of ``mixture_weights.json``: final and time-averaged {domain: weight}."""
-    return {"domains": list(domains), "final": dict(final), "average": dict(average), "step": step}
+    """The content of ``mixture_weights.json``: final and time-averaged {domain: weight}, the optimizer
+    step, and how many upper-level (λ) updates the run made (0: the weights are the initial ones)."""
+    return {
+        "domains": list(domains),
+        "final": dict(final),
+        "average": dict(average),
+        "step": step,
+        "upper_updates": upper_updates,
+    }
 
 
-def sample_weights_payload(weights: Sequence[float], step: int) -> dict[str, Any]:
-    """The content of ``sample_weights.json``: {training-set index (as str): σ(λ_i)}."""
-    return {"step": step, "weights": {str(i): w for i, w in enumerate(weights)}}
+def sample_weights_payload(weights: Sequence[float], step: int, upper_updates: int) -> dict[str, Any]:
+    """The content of ``sample_weights.json``: {training-set index (as str): σ(λ_i)}, the optimizer step and
+    the number of upper-level updates (0: every weight is still the initial 0.5)."""
+    return {"step": step, "upper_updates": upper_updates, "weights": {str(i): w for i, w in enumerate(weights)}}
 
 
 def _pyplot():

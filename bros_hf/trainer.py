@@ -481,12 +481,13 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
 
     def export_weights(self, output_dir: str) -> str:
         """Write mixture_weights.json / sample_weights.json (atomically) into ``output_dir``; returns its path."""
-        step = self.state.global_step
+        step, updates = self.state.global_step, self.upper.num_updates
         if self.args.upper_level == "domain":
-            payload = mixture_payload(self.domains, self.mixture_weights(), self.average_mixture_weights(), step)
+            final, average = self.mixture_weights(), self.average_mixture_weights()
+            payload = mixture_payload(self.domains, final, average, step, updates)
             path = os.path.join(output_dir, MIXTURE_FILE)
         else:
-            payload = sample_weights_payload(self.sample_weights().tolist(), step)
+            payload = sample_weights_payload(self.sample_weights().tolist(), step, updates)
             path = os.path.join(output_dir, SAMPLE_WEIGHTS_FILE)
         write_json_atomic(path, payload)
         return path
@@ -507,6 +508,14 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             self.save_plot(output_dir)
 
     def _export_at_end(self, output_dir: str) -> None:
+        if self.engine is not None and self.upper.num_updates == 0:
+            warnings.warn(
+                f"The upper level never moved: {self.state.global_step} optimizer steps, none of them updated λ "
+                f"(upper_warmup_steps={self.args.upper_warmup_steps}), so the exported weights are the initial "
+                "ones and say nothing about the data. Train for more steps than upper_warmup_steps, or lower it.",
+                UserWarning,
+                stacklevel=2,
+            )
         if self.is_world_process_zero():
             self._write_extra_files(output_dir)
 

@@ -482,3 +482,18 @@ def test_hyper_cleaning_bros_matches_full_space():
         assert result.auroc >= 0.95
         assert result.test_accuracy >= 0.90
     assert abs(results["masoba"].test_accuracy - results["bros"].test_accuracy) <= 0.015
+
+
+def test_core_needs_torch_only():
+    """bros_hf.core is the method on plain tensors: importing it (and the package's core API) loads no
+    transformers or datasets."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, bros_hf.core.engine, bros_hf.core.lowrank\n"
+        "from bros_hf import BilevelEngine, DomainMixture, lower_pass\n"
+        "loaded = [m for m in ('transformers', 'datasets', 'accelerate') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

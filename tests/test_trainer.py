@@ -68,6 +68,7 @@ def test_three_domain_toy_puts_weight_on_target_domain(tmp_path, toy, method):
     exported = json.loads((tmp_path / "out" / "mixture_weights.json").read_text())
     assert exported["domains"] == ["A", "B", "C"]
     assert exported["step"] == 120
+    assert exported["upper_updates"] == 120
     for key in ("final", "average"):
         assert math.isclose(sum(exported[key].values()), 1.0, abs_tol=1e-5)
     assert exported["final"] == pytest.approx(weights)
@@ -214,3 +215,14 @@ def test_trainer_step_is_the_engine_step(tmp_path, toy, monkeypatch):
         torch.testing.assert_close(engine.z[name], trainer.engine.z[name], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(engine.upper.logits, trainer.upper.logits, rtol=1e-6, atol=1e-7)
     assert not torch.equal(trainer.upper.logits, torch.zeros(3)), "λ moved: the comparison is not vacuous"
+
+
+@pytest.mark.parametrize("upper_level", ["domain", "sample"])
+def test_run_shorter_than_the_upper_warmup_says_so(tmp_path, toy, upper_level):
+    """A run in which λ never moved warns at the end and records upper_updates = 0 in the export."""
+    args = make_args(tmp_path, max_steps=4, upper_warmup_steps=10, upper_level=upper_level)
+    with pytest.warns(UserWarning, match="upper level never moved.*upper_warmup_steps=10"):
+        train(args, *toy)
+    name = "mixture_weights.json" if upper_level == "domain" else "sample_weights.json"
+    exported = json.loads((tmp_path / "out" / name).read_text())
+    assert exported["upper_updates"] == 0 and exported["step"] == 4
