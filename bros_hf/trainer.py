@@ -295,8 +295,11 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
 
     # ------------------------------------------------------------------ losses
     def per_example_loss(self, outputs: Any, labels: Tensor) -> Tensor:
-        """ℓ_i for every example of the batch; override for heads other than causal LM / classification."""
-        return per_example_losses(outputs, labels)
+        """ℓ_i for every example of the batch: causal LM (labels shifted by one), encoder-decoder
+        (``config.is_encoder_decoder``: labels aligned with the decoder's logits) or classification.
+        Override for other heads."""
+        config = getattr(self._bilevel_model(), "config", None)
+        return per_example_losses(outputs, labels, shift_labels=not getattr(config, "is_encoder_decoder", False))
 
     def _second_order_context(self) -> contextlib.AbstractContextManager:
         if self.args.hessian_mode == "autograd":
@@ -313,8 +316,13 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
                 "labels = input_ids, e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)) or a collator that "
                 "builds it."
             )
+        model = self._bilevel_model()
+        if "decoder_input_ids" not in model_inputs and hasattr(model, "prepare_decoder_input_ids_from_labels"):
+            # Encoder-decoders build the decoder's inputs from the labels they are given; the labels stay out
+            # of the forward (no mean loss computed and thrown away), so build them here as the model would.
+            model_inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
         with self.compute_loss_context_manager():
-            outputs = functional_call(self._bilevel_model(), dict(params), args=(), kwargs=model_inputs, strict=False)
+            outputs = functional_call(model, dict(params), args=(), kwargs=model_inputs, strict=False)
         return self.per_example_loss(outputs, inputs["labels"])
 
     # ------------------------------------------------------------------ the bilevel step

@@ -17,9 +17,11 @@ term adds nothing to y and, since a = 0, nothing to ∂g/∂x either, so :class:
 both and computes only ∂g/∂a in backward (Linear: ∂g/∂yᵀ (x B); Conv1D: xᵀ (∂g/∂y B); Embedding:
 rows of ∂g/∂y B added at the ids), saving the output-size product (x B) aᵀ and the backward through it.
 
-Tensors not used that way (biases, norms, convolutions, parameters used directly in a forward,
-full-space tensors) are materialised as in :class:`~bros_hf.core.estimators.MaterializedPerturber`; they
-are small or unsketched.
+Tensors not used that way are materialised as in :class:`~bros_hf.core.estimators.MaterializedPerturber`
+(θ + P a formed, then used by the module's own forward, which is right for any module): biases, norms,
+convolutions, parameters used directly in a forward, full-space tensors, and the weights of layer
+subclasses whose forward differs from their base class's (Gemma's scaled embeddings, OPT's learned
+positional embeddings), which a hook would get wrong. Those cost one weight-size copy per pass.
 """
 
 from __future__ import annotations
@@ -112,12 +114,14 @@ class LowRankPerturber:
 
     def __init__(self, model: nn.Module, transposed_linear: tuple[type[nn.Module], ...] = ()):
         self.model = model
-        hookable = (nn.Linear, nn.Embedding, *transposed_linear)
+        # A hook reproduces a layer's forward, so only layers whose forward is exactly that of a known class
+        # are hooked: subclasses that change it (Gemma's scaled embeddings, OPT's offset positions) are not.
+        exact_forwards = {kind.forward for kind in (nn.Linear, nn.Embedding, *transposed_linear)}
         owners = _owners(model)
         self.modules: dict[str, list[nn.Module]] = {}
         for name, param in model.named_parameters():
             holders = owners.get(id(param), [])
-            if holders and all(isinstance(m, hookable) and attr == "weight" for m, attr in holders):
+            if holders and all(type(m).forward in exact_forwards and attr == "weight" for m, attr in holders):
                 embedding_ok = all(
                     getattr(m, "max_norm", None) is None for m, _ in holders if isinstance(m, nn.Embedding)
                 )
