@@ -497,3 +497,39 @@ def test_core_needs_torch_only():
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """cross_entropy(h Wᵀ, y) with a hand-written backward computed without a graph, as fused kernels
+    (e.g. Liger's fused linear cross-entropy) do: it has no double backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels):
+        ctx.save_for_backward(hidden, weight, labels)
+        return torch.nn.functional.cross_entropy(hidden @ weight.T, labels)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, labels = ctx.saved_tensors
+        with torch.no_grad():
+            probs = torch.softmax(hidden @ weight.T, dim=-1)
+            probs[torch.arange(len(labels)), labels] -= 1
+            dlogits = grad * probs / len(labels)
+            return dlogits @ weight, dlogits.T @ hidden, None
+
+
+def test_missing_second_order_graph_is_an_error_not_zeros():
+    """Autograd mode: a loss behind an op without double backward would give a zero Hessian action and cross
+    term; instead the pass raises and names the fix (finite differences), which then works."""
+    torch.manual_seed(0)
+    params = {"first": torch.randn(16, 8) * 0.3, "head": torch.randn(3, 16) * 0.3}
+    x, y = torch.randn(12, 8), torch.randint(0, 3, (12,))
+
+    def loss(p):
+        return _FusedLinearCrossEntropy.apply(torch.tanh(x @ p["first"].T), p["head"], y)
+
+    vectors = {n: torch.randn_like(p) for n, p in params.items()}
+    with pytest.raises(RuntimeError, match=r"second-order graph is missing.*finite_difference"):
+        hessian_action(loss, params, vectors, probes=0, mode="autograd")
+    hv = hessian_action(loss, params, vectors, probes=0, mode="finite_difference")  # the advertised fix works
+    assert float(hv["first"].abs().max()) > 0

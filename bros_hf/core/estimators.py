@@ -237,6 +237,34 @@ def lower_pass(
     raise ValueError(f"Unknown Hessian-action mode {mode!r}: use 'autograd' or 'finite_difference'.")
 
 
+def _second_derivatives(
+    dg_dt: Tensor | None,
+    targets: list[Tensor],
+    names: list[str],
+    first: Sequence[Tensor | None],
+    first_targets: list[Tensor],
+) -> list[Tensor]:
+    """∂(∂g/∂t)/∂x for each target x, refusing to return zeros where the graph is missing.
+
+    A first-order gradient without a graph for its own derivative means an operation on the path has
+    no double backward (fused or flash attention, fused norms, custom kernels): the second-order terms
+    would silently be zero. That is an error naming the tensors; a tensor the loss never used is 0."""
+    fix = (
+        "Some operation in the model's forward has no double backward (e.g. flash/efficient attention, fused "
+        "norm or loss kernels). Use hessian_mode='finite_difference' (first-order passes only), or eager / "
+        "SDPA-math attention (attn_implementation='eager')."
+    )
+    if dg_dt is None or not dg_dt.requires_grad:
+        raise RuntimeError(f"The second-order graph is missing: ∂g/∂t has no graph to differentiate. {fix}")
+    second = torch.autograd.grad(dg_dt, targets, allow_unused=True)
+    used = {id(x) for x, g in zip(first_targets, first, strict=True) if g is not None}
+    missing = [n for n, x, g in zip(names, targets, second, strict=False) if g is None and id(x) in used]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise RuntimeError(f"The second-order graph is missing for {shown} (their gradient has none). {fix}")
+    return _zeros_for_unused(second, targets)
+
+
 def _lower_pass_autograd(
     lower_loss_fn, lam, params, sketch_p, lower_sketch, direction, with_cross, perturber
 ) -> LowerPassResult:
@@ -249,27 +277,25 @@ def _lower_pass_autograd(
     if t is not None:
         shifts.append((t, *direction))
 
+    # Every backward runs inside the perturber's context: activation checkpointing recomputes the forward
+    # during backward, and that recomputation must see the same perturbation (the hooks) as the forward.
     with perturber(coords.base, shifts) as perturbed:
         loss = lower_loss_fn(lam_leaf, perturbed)
-    flat = coords.targets
-    scalars = [t] if t is not None else []
-    first = torch.autograd.grad(loss, flat + scalars, create_graph=t is not None, allow_unused=True)
-    grads = coords.split([g.detach() for g in _zeros_for_unused(first[: len(flat)], flat)])
+        flat = coords.targets
+        scalars = [t] if t is not None else []
+        first = torch.autograd.grad(loss, flat + scalars, create_graph=t is not None, allow_unused=True)
+        grads = coords.split([g.detach() for g in _zeros_for_unused(first[: len(flat)], flat)])
 
-    hessian_action = cross = None
-    if t is not None:
-        # ∂²g/∂t∂a = Pᵀ H d and ∂²g/∂t∂λ = ∂_λ⟨∇_θ g, d⟩ from the same second backward.
-        p_coords = coords.leaves[p_index] if p_index is not None else {}
-        targets = list(p_coords.values()) + ([lam_leaf] if with_cross else [])
-        dg_dt = first[-1]
-        if dg_dt is None or not dg_dt.requires_grad:
-            second = [torch.zeros_like(x) for x in targets]
-        else:
-            second = _zeros_for_unused(torch.autograd.grad(dg_dt, targets, allow_unused=True), targets)
-        if p_coords:
-            hessian_action = {n: h.detach() for n, h in zip(p_coords, second, strict=False)}
-        if with_cross:
-            cross = second[-1].detach()
+        hessian_action = cross = None
+        if t is not None:
+            # ∂²g/∂t∂a = Pᵀ H d and ∂²g/∂t∂λ = ∂_λ⟨∇_θ g, d⟩ from the same second backward.
+            p_coords = coords.leaves[p_index] if p_index is not None else {}
+            targets = list(p_coords.values()) + ([lam_leaf] if with_cross else [])
+            second = _second_derivatives(first[-1], targets, list(p_coords), first[: len(flat)], flat)
+            if p_coords:
+                hessian_action = {n: h.detach() for n, h in zip(p_coords, second, strict=False)}
+            if with_cross:
+                cross = second[-1].detach()
     return LowerPassResult(
         loss=loss.detach(),
         grad=None if lower_index is None else grads[lower_index],
@@ -298,12 +324,12 @@ def _first_order(
     coords = _Coordinates(params, sketches, skip)
     lam_leaf = lam.detach().clone().requires_grad_(with_lambda)
     targets = coords.targets + ([lam_leaf] if with_lambda else [])
-    with perturber(coords.base, list(shifts), probes=coords.probes) as perturbed:
+    with perturber(coords.base, list(shifts), probes=coords.probes) as perturbed:  # backward inside: see above
         loss = lower_loss_fn(lam_leaf, perturbed)
-    if targets and loss.requires_grad:
-        grads = _zeros_for_unused(torch.autograd.grad(loss, targets, allow_unused=True), targets)
-    else:
-        grads = [torch.zeros_like(x) for x in targets]
+        if targets and loss.requires_grad:
+            grads = _zeros_for_unused(torch.autograd.grad(loss, targets, allow_unused=True), targets)
+        else:
+            grads = [torch.zeros_like(x) for x in targets]
     coord_grads = coords.split(grads[: len(coords.targets)])
     return loss.detach(), coord_grads, grads[-1] if with_lambda else None
 

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 from bros_hf.core.estimators import Probe, Shift
 
@@ -166,7 +167,12 @@ class LowRankPerturber:
 
         handles = [module.register_forward_hook(hook) for module in per_module.keys() | module_probes.keys()]
         try:
-            yield out
+            # The model holds the perturbed tensors for the whole context, not only while the loss function's
+            # functional_call runs: activation checkpointing recomputes the forward during backward, after that
+            # call has put the module's own parameters back. (functional_call is built on this context manager,
+            # which has no public form.)
+            with _reparametrize_module(self.model, out, tie_weights=True):
+                yield out
         finally:
             for handle in handles:
                 handle.remove()
