@@ -85,8 +85,8 @@ class BROSConfig(TrainingArguments):
             "help": "How second-order terms are computed: 'finite_difference' (two first-order passes at θ ± δd "
             "give gradient, Hessian action and cross term; O(eps^2) bias; memory of a plain backward and about "
             "2-2.5x a plain step's time), 'autograd' (double backward restricted to the r-dim coordinates, "
-            "exact, about 3x the memory) or 'auto' (the default): finite_difference in fp32, autograd with "
-            "bf16/fp16, where differences of half-precision gradients are mostly round-off (measured relative "
+            "exact, about 3x the memory) or 'auto' (the default): finite_difference in fp32, autograd when the run "
+            "is in bf16 (bf16=True, accelerate's mixed_precision, or weights loaded in bf16/fp16), where differences of half-precision gradients are mostly round-off (measured relative "
             "error of the Hessian action 0.33 at eps 2e-3 in bf16, 1e-4 in fp32: python -m benchmarks.fd_accuracy).",
             "choices": ["auto", "autograd", "finite_difference"],
         },
@@ -143,6 +143,12 @@ class BROSConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.fp16:
+            raise ValueError(
+                "fp16 mixed precision is not supported: the bilevel passes compute their own gradients, which a "
+                "GradScaler never scales, so small fp16 gradients would underflow to zero. Use bf16=True (same "
+                "memory, no loss scaling needed) or fp32."
+            )
         super().__post_init__()
         if self.bilevel_method not in ("bros", "masoba"):
             raise ValueError(f"bilevel_method must be 'bros' or 'masoba', got {self.bilevel_method!r}.")
@@ -158,8 +164,6 @@ class BROSConfig(TrainingArguments):
             raise ValueError(
                 f"hessian_mode must be 'auto', 'autograd' or 'finite_difference', got {self.hessian_mode!r}."
             )
-        if self.hessian_mode == "auto":
-            self.hessian_mode = "autograd" if (self.bf16 or self.fp16) else "finite_difference"
         self._check_step_sizes()
         modules = list(self.lower_full_space_modules or [])
         if "none" in modules and len(modules) > 1:
@@ -227,14 +231,24 @@ class BROSConfig(TrainingArguments):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer ≥ 1, got {getattr(self, name)}.")
 
-    def bilevel_hyperparameters(self) -> BilevelHyperparameters:
-        """The solver's view of this config (raises ValueError on invalid values)."""
+    def resolved_hessian_mode(self, half_precision: bool | None = None) -> str:
+        """``hessian_mode`` with "auto" decided: autograd when the passes run in half precision (differences of
+        bf16 gradients are mostly round-off), finite differences otherwise. ``half_precision``: what the run
+        actually uses (the Accelerator's mixed precision, or half-precision weights); default: ``bf16``."""
+        if self.hessian_mode != "auto":
+            return self.hessian_mode
+        half = self.bf16 if half_precision is None else half_precision
+        return "autograd" if half else "finite_difference"
+
+    def bilevel_hyperparameters(self, half_precision: bool | None = None) -> BilevelHyperparameters:
+        """The solver's view of this config (raises ValueError on invalid values); ``half_precision`` as in
+        :meth:`resolved_hessian_mode`."""
         return BilevelHyperparameters(
             method=self.bilevel_method,
             rank=self.subspace_rank,
             sketch=self.sketch_kind,
             resample_every=self.sketch_resample_interval,
-            hessian_mode=self.hessian_mode,
+            hessian_mode=self.resolved_hessian_mode(half_precision),
             aux_lr=self.aux_learning_rate,
             aux_step_scaling=self.aux_step_scaling,
             upper_lr=self.upper_learning_rate,

@@ -237,7 +237,8 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             return self.optimizer
         params = self._trainable_parameters()
         check_subspace_coverage(params, self.args.subspace_rank, self.args.bilevel_method)
-        hparams = self.args.bilevel_hyperparameters()
+        hparams = self.args.bilevel_hyperparameters(half_precision=self._runs_in_half_precision(params))
+        self._warn_if_optimizer_state_is_reset_every_step()
         if self.args.bilevel_method == "bros":
             modules = self.args.lower_full_space_modules
             full = full_space_parameter_names(self._bilevel_model(), modules, params)
@@ -260,6 +261,27 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         self.optimizer.register_step_post_hook(self._fold_coordinates)
         return self.optimizer
+
+    def _runs_in_half_precision(self, params: Mapping[str, Tensor]) -> bool:
+        """bf16 autocast from any source (the config, accelerate's config or environment), or weights in half precision."""
+        if self.accelerator.mixed_precision == "fp16":
+            raise ValueError(
+                "fp16 mixed precision (from the accelerate config or environment) is not supported: the bilevel "
+                "passes' gradients are never loss-scaled and would underflow. Launch with --mixed_precision bf16 or no."
+            )
+        half = (torch.bfloat16, torch.float16)
+        return self.accelerator.mixed_precision == "bf16" or any(p.dtype in half for p in params.values())
+
+    def _warn_if_optimizer_state_is_reset_every_step(self) -> None:
+        if self.args.bilevel_method == "bros" and self.args.sketch_resample_interval == 1 and self.args.optim != "sgd":
+            warnings.warn(
+                f"sketch_resample_interval=1 with optim={self.args.optim!r}: the lower subspace U changes every step "
+                "and the optimizer state is reset with it, so every lower step is that optimizer's first step (for "
+                "AdamW about lr·sign(Uᵀ∇g)), not the analysed β·S_U∇g. Use optim='sgd' for the analysed step, or "
+                "sketch_resample_interval > 1 (default 40) to let the optimizer keep its state.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @torch.no_grad()
     def _fold_coordinates(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
@@ -302,7 +324,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         return per_example_losses(outputs, labels, shift_labels=not getattr(config, "is_encoder_decoder", False))
 
     def _second_order_context(self) -> contextlib.AbstractContextManager:
-        if self.args.hessian_mode == "autograd":
+        if self.engine.hparams.hessian_mode == "autograd":
             # SDPA's fused CPU/CUDA kernels have no double backward; the math kernel does.
             return sdpa_kernel(SDPBackend.MATH)
         return contextlib.nullcontext()

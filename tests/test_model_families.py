@@ -157,3 +157,27 @@ def test_trainer_runs_and_uses_the_families_loss(tmp_path, family):
         own = trainer.per_example_loss(outputs, batch["labels"])
     expected = per_example_losses(outputs, batch["labels"], shift_labels=family != "t5")
     torch.testing.assert_close(own, expected)
+
+
+@pytest.mark.parametrize("mode", ["auto", "finite_difference"])
+def test_bf16_weights_train(tmp_path, mode):
+    """Weights loaded in bf16 (no autocast): the fp32 z and coordinates enter the layers cast to bf16, the run
+    stays finite, and "auto" picks double backward for half-precision weights."""
+    import datasets
+
+    from bros_hf import BROSConfig, BROSTrainer
+
+    model, batch = _build("llama")
+    model.to(torch.bfloat16)
+    rows = {k: v.tolist() for k, v in batch.items()}
+    train = datasets.Dataset.from_dict({**rows, "domain": ["A", "B", "A", "B"]}).with_format("torch")
+    args = BROSConfig(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, subspace_rank=4, report_to=[],
+        use_cpu=True, disable_tqdm=True, save_strategy="no", hessian_mode=mode,
+    )
+    trainer = BROSTrainer(model=model, args=args, train_dataset=train, upper_dataset=train)
+    trainer.train()
+    assert trainer.engine.hparams.hessian_mode == ("autograd" if mode == "auto" else mode)
+    assert float(sum(z.norm() for z in trainer.engine.z.values())) > 0, "z ≠ 0: the failing case is exercised"
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(trainer.upper.logits).all() and not torch.equal(trainer.upper.logits, torch.zeros(2))

@@ -480,9 +480,33 @@ def test_hessian_mode_auto_picks_finite_differences_only_in_fp32(tmp_path, preci
     # Half-precision gradients make central differences mostly round-off (measured: 0.33
     # relative error of the Hessian action in bf16 at eps 2e-3), so "auto" (the default) uses double backward there.
     args = make_args(tmp_path, **precision)
-    assert args.hessian_mode == expected
+    assert args.hessian_mode == "auto" and args.resolved_hessian_mode() == expected
     assert args.bilevel_hyperparameters().hessian_mode == expected
-    assert make_args(tmp_path, hessian_mode="autograd", **precision).hessian_mode == "autograd"
+    assert make_args(tmp_path, hessian_mode="autograd", **precision).resolved_hessian_mode() == "autograd"
+
+
+def test_hessian_mode_auto_follows_what_the_run_actually_uses(tmp_path, toy, monkeypatch):
+    """accelerate's mixed precision from the environment (as `accelerate launch --mixed_precision bf16` sets it),
+    or weights loaded in bf16, switch "auto" to double backward even though the config says neither."""
+    trainer = build_with(TinyClassifier().to(torch.bfloat16), make_args(tmp_path, max_steps=1), *toy)
+    trainer.create_optimizer()
+    assert trainer.engine.hparams.hessian_mode == "autograd"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        trainer = build(make_args(tmp_path, max_steps=1), *toy)
+        assert trainer.accelerator.mixed_precision == "bf16"
+        trainer.create_optimizer()
+        assert trainer.engine.hparams.hessian_mode == "autograd"
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_fp16_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="fp16 mixed precision is not supported.*bf16=True"):
+        make_args(tmp_path, fp16=True)
 
 
 def test_batches_without_labels_name_the_fix(tmp_path, toy):

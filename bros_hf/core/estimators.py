@@ -103,7 +103,7 @@ class MaterializedPerturber:
             value = p
             for scale, basis, coords in shifts:
                 if name in coords:
-                    value = value + scale * basis.expand_one(name, coords[name], p.shape)
+                    value = value + (scale * basis.expand_one(name, coords[name], p.shape)).to(p.dtype)
             out[name] = value
         yield out
 

@@ -146,7 +146,7 @@ class LowRankPerturber:
                     for module in self.modules[name]:
                         module_probes.setdefault(module, []).append((matrix, coords[name]))
                 else:
-                    value = value + basis.expand_one(name, coords[name], p.shape)
+                    value = value + basis.expand_one(name, coords[name], p.shape).to(p.dtype)
             for scale, basis, coords in shifts:
                 if name not in coords:
                     continue
@@ -155,12 +155,12 @@ class LowRankPerturber:
                     for module in self.modules[name]:
                         per_module.setdefault(module, []).append((scale, matrix, coords[name]))
                 else:
-                    value = value + scale * basis.expand_one(name, coords[name], p.shape)
+                    value = value + (scale * basis.expand_one(name, coords[name], p.shape)).to(p.dtype)
             out[name] = value
 
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
             if module in per_module:
-                output = output + _delta(module, inputs, per_module[module])
+                output = output + _delta(module, inputs, per_module[module]).to(output.dtype)
             for matrix, coords in module_probes.get(module, ()):
                 output = _ProbeGradient.apply(output, coords, inputs[0], matrix, module)
             return output
