@@ -93,7 +93,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "n_eval": 24,
         "timing_warmup": 2,
         "lr": 3e-3,
-        "upper_lr": 30.0,
+        "upper_lr": None,
         "threads": 1,
     },
     "cpu": {
@@ -114,7 +114,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "n_eval": 48,
         "timing_warmup": 2,
         "lr": 3e-3,
-        "upper_lr": 30.0,
+        "upper_lr": None,
         "threads": 1,
     },
     "cuda": {
@@ -133,7 +133,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "n_eval": 96,
         "timing_warmup": 5,
         "lr": 1e-3,
-        "upper_lr": 30.0,
+        "upper_lr": None,
         "threads": None,
     },
 }
@@ -349,7 +349,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--upper_lr",
         type=float,
-        help="BROSConfig.upper_learning_rate (profiles: 30, so λ moves within a short run).",
+        help="BROSConfig.upper_learning_rate (profiles: the package default).",
     )
     parser.add_argument("--ma_weight", type=float, help="BROSConfig.moving_average_weight.")
     parser.add_argument(

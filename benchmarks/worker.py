@@ -145,11 +145,12 @@ def state_bytes(trainer: Any, method: str) -> dict[str, int]:
         for sketch in (engine.sketch_p, engine.sketch_q, engine.sketch_u):
             for matrix in sketch.matrices.values():
                 add("sketches", matrix)
-        for group in (getattr(trainer, "_accumulated", {}) or {}).values():
+        accumulated = getattr(trainer, "_accumulated", None)  # Terms of the step in progress, if any
+        for group in (accumulated.groups() if accumulated is not None else {}).values():
             for value in group.values():
                 add("bilevel_buffers", value)
         upper = trainer.upper
-        for value in (upper.logits, upper.momentum, upper.weight_sum):
+        for value in (upper.logits, upper.momentum, upper.second_moment, upper.tail_sum, upper.previous_tail_sum):
             add("upper", value)
     return out
 
@@ -362,8 +363,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     except Exception:  # pragma: no cover
         pass
     if spec["method"] != "plain":
-        result["mixture_final"] = trainer.mixture_weights()
-        result["mixture_average"] = trainer.average_mixture_weights()
+        result["mixture_final"] = trainer.final_mixture_weights()
+        result["mixture_average"] = trainer.mixture_weights()
         result["mixture_history"] = trainer.mixture_history
     result["wall_total_s"] = time.perf_counter() - started
     for key in ("peak_mb", "step_time_s", "final_target_loss"):

@@ -39,14 +39,16 @@ def write_json_atomic(path: str, payload: Any) -> None:
 
 
 def mixture_payload(
-    domains: Sequence[str], final: Mapping[str, float], average: Mapping[str, float], step: int, upper_updates: int
+    domains: Sequence[str], weights: Mapping[str, float], final: Mapping[str, float], step: int, upper_updates: int
 ) -> dict[str, Any]:
-    """The content of ``mixture_weights.json``: final and time-averaged {domain: weight}, the optimizer
-    step, and how many upper-level (λ) updates the run made (0: the weights are the initial ones)."""
+    """The content of ``mixture_weights.json``: ``weights``, the learned mixture to use (the tail average,
+    also under its old name ``average``); ``final``, the last iterate; the optimizer step; and how many
+    upper-level (λ) updates the run made (0: the weights are the initial ones)."""
     return {
         "domains": list(domains),
+        "weights": dict(weights),
+        "average": dict(weights),
         "final": dict(final),
-        "average": dict(average),
         "step": step,
         "upper_updates": upper_updates,
     }

@@ -125,6 +125,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         self._accumulated: Terms | None = None  # this optimizer step's micro-batches so far
         self._domain_counts: Tensor | None = None
         self._skip_lower = False
+        self._num_training_steps: int | None = None  # set by create_optimizer_and_scheduler
         self.mixture_history: list[list[float]] = []
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.add_callback(WeightsExportCallback(self._export_at_end))
@@ -225,6 +226,11 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             raise ValueError("The model has no trainable parameters (requires_grad=True).")
         return params
 
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        """As the Trainer's; records the run's length, which sets the default upper step size."""
+        self._num_training_steps = num_training_steps
+        super().create_optimizer_and_scheduler(num_training_steps)
+
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer class and kwargs, over r-dim coordinates of U instead of θ
         (over θ itself for tensors whose U is the identity: 1-D and small tensors, and
@@ -237,7 +243,9 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             return self.optimizer
         params = self._trainable_parameters()
         check_subspace_coverage(params, self.args.subspace_rank, self.args.bilevel_method)
-        hparams = self.args.bilevel_hyperparameters(half_precision=self._runs_in_half_precision(params))
+        hparams = self.args.bilevel_hyperparameters(
+            half_precision=self._runs_in_half_precision(params), num_training_steps=self._num_training_steps
+        )
         self._warn_if_optimizer_state_is_reset_every_step()
         if self.args.bilevel_method == "bros":
             modules = self.args.lower_full_space_modules
@@ -444,16 +452,18 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
 
     # ------------------------------------------------------------------ results
     def mixture_weights(self) -> dict[str, float]:
-        """Domain mode: the learned mixture {domain: weight}, summing to 1."""
+        """Domain mode: the learned mixture {domain: weight}, summing to 1: the tail average of w over the
+        last half to three quarters of the upper updates (closer to the optimum than the last iterate on
+        every known-answer task measured; :meth:`final_mixture_weights` is the last iterate)."""
         if self.args.upper_level != "domain":
             raise ValueError("mixture_weights() is for upper_level='domain'; use sample_weights().")
-        return self.upper.as_dict()
-
-    def average_mixture_weights(self) -> dict[str, float]:
-        """Domain mode: the time-averaged mixture (1/k) Σ_j w(λ_j) over upper updates."""
-        if self.args.upper_level != "domain":
-            raise ValueError("average_mixture_weights() is for upper_level='domain'.")
         return self.upper.as_dict(self.upper.average_weights())
+
+    def final_mixture_weights(self) -> dict[str, float]:
+        """Domain mode: the mixture at the last step, w(λ_k)."""
+        if self.args.upper_level != "domain":
+            raise ValueError("final_mixture_weights() is for upper_level='domain'.")
+        return self.upper.as_dict()
 
     def sample_weights(self) -> Tensor:
         """Sample mode: σ(λ_i) for every training example, aligned with train_dataset order."""
@@ -513,8 +523,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         """Write mixture_weights.json / sample_weights.json (atomically) into ``output_dir``; returns its path."""
         step, updates = self.state.global_step, self.upper.num_updates
         if self.args.upper_level == "domain":
-            final, average = self.mixture_weights(), self.average_mixture_weights()
-            payload = mixture_payload(self.domains, final, average, step, updates)
+            payload = mixture_payload(self.domains, self.mixture_weights(), self.final_mixture_weights(), step, updates)
             path = os.path.join(output_dir, MIXTURE_FILE)
         else:
             payload = sample_weights_payload(self.sample_weights().tolist(), step, updates)

@@ -267,7 +267,8 @@ class DataArguments:
     apply_mixture_weights: str = field(
         default="average",
         metadata={
-            "help": "Which mixture of the JSON to apply: the time-averaged ('average') or the last ('final').",
+            "help": "Which mixture of the JSON to apply: the learned one ('average', the tail average the trainer "
+            "reports as mixture_weights()) or the last iterate ('final').",
             "choices": ["average", "final"],
         },
     )
@@ -320,8 +321,6 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "sketch_resample_interval": 1,
     "hessian_mode": "autograd",
     "aux_learning_rate": 0.05,
-    "upper_learning_rate": 3.0,
-    "moving_average_weight": 0.1,
     "mixture_floor": 0.05,
 }
 # Training batch size: the smallest multiple of the number of domains K that is ≥ this (set after the
@@ -950,8 +949,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         every = max(1, int(training_args.logging_steps) if training_args.logging_steps >= 1 else 1)
         history = trainer.mixture_history
         report["mixture"] = {
-            "final": trainer.mixture_weights(),
-            "average": trainer.average_mixture_weights(),
+            "final": trainer.final_mixture_weights(),
+            "average": trainer.mixture_weights(),
             "trajectory": {
                 str(step): dict(zip(domains, [round(w, 4) for w in history[step - 1]], strict=True))
                 for step in range(every, len(history) + 1, every)

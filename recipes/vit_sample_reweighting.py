@@ -243,8 +243,6 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "hessian_mode": "autograd",
     "aux_learning_rate": 0.01,
     "z_norm_bound": 1.0,
-    "upper_learning_rate": 30.0,
-    "moving_average_weight": 0.5,
     "upper_warmup_steps": 50,
 }
 # With --dataset_name the image column is turned into pixel_values by an on-the-fly transform, so the

@@ -40,7 +40,7 @@ def tiny_llama() -> LlamaForCausalLM:
 
 
 def lm_args(tmp_path, **overrides):
-    settings = dict(max_steps=20, per_device_train_batch_size=8, learning_rate=3e-3, upper_learning_rate=3.0)
+    settings = dict(max_steps=20, per_device_train_batch_size=8, learning_rate=3e-3)
     settings.update(overrides)
     return make_args(tmp_path, **settings)
 

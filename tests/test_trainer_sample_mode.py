@@ -49,9 +49,6 @@ def sample_mode_args(tmp_path, **overrides) -> BROSConfig:
         per_device_train_batch_size=50,
         learning_rate=3e-3,
         optim="adamw_torch",
-        upper_learning_rate=100.0,
-        aux_learning_rate=0.05,
-        moving_average_weight=0.5,
         upper_warmup_steps=50,
         logging_steps=100,
     )

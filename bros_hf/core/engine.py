@@ -5,9 +5,10 @@ Per step k, with lower batch ξ and upper batch ζ (docs/method.md):
     θ ← θ − β S_U ∇_θ g(λ, θ; ξ)                            (through r-dim coordinates)
     z ← Π_R( z − γ_n S_P ( H S_Q z − ∇_θ f(θ; ζ) ) )         H = ∇²_θθ g(λ, θ; ξ)
     D = ∇_λ f − ∂_λ ⟨∇_θ g, S_Q z⟩
-    h ← (1 − ρ) h + ρ D,       λ ← λ − α h
+    h ← (1 − ρ) h + ρ D,       λ ← λ − α h      (``upper_rule="masoba"``, this class's default)
 
-``method="masoba"`` is the same code with identity sketches (S_U = S_P = S_Q = I). ``method="bros"``
+``upper_rule="normalized"`` (the default of ``BROSConfig``) replaces the last line by a scale-free
+exponentiated-gradient step on the weights (:mod:`bros_hf.core.upper`). ``method="masoba"`` is the same code with identity sketches (S_U = S_P = S_Q = I). ``method="bros"``
 draws independent Rademacher (or Gaussian) P, Q every step from a seeded CPU generator, identical on
 every process: each auxiliary step is then the unbiased bi-probe step the method analyses. The
 lower update runs in U = P when ``resample_every`` = 1 (the analysed method), else in its own
@@ -40,7 +41,7 @@ from bros_hf.core.estimators import (
     lower_pass,
 )
 from bros_hf.core.sketch import Sketch, SketchKind
-from bros_hf.core.upper import UpperVariable
+from bros_hf.core.upper import DEFAULT_RMS_DECAY, UpperRule, UpperVariable
 
 Method = Literal["bros", "masoba"]
 
@@ -58,6 +59,8 @@ class BilevelHyperparameters:
     aux_step_scaling: Literal["rank_ratio", "none"] = "rank_ratio"
     upper_lr: float = 0.1
     ma_weight: float = 0.5
+    upper_rule: UpperRule = "masoba"
+    upper_rms_decay: float = DEFAULT_RMS_DECAY
     z_radius: float | None = None
     fd_eps: float = DEFAULT_FD_EPS
     upper_warmup_steps: int = 0
@@ -75,6 +78,10 @@ class BilevelHyperparameters:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
         if not 0.0 < self.ma_weight <= 1.0:
             raise ValueError(f"ma_weight ρ must be in (0, 1], got {self.ma_weight}.")
+        if self.upper_rule not in ("normalized", "masoba"):
+            raise ValueError(f"upper_rule must be 'normalized' or 'masoba', got {self.upper_rule!r}.")
+        if not 0.0 <= self.upper_rms_decay < 1.0:
+            raise ValueError(f"upper_rms_decay β must be in [0, 1), got {self.upper_rms_decay}.")
         if self.z_radius is not None and not self.z_radius > 0:
             raise ValueError(f"z_radius must be > 0 or None, got {self.z_radius}.")
         self.lower_full_space = tuple(self.lower_full_space)
@@ -258,7 +265,10 @@ class BilevelEngine:
         """h, λ update with D (skipped during the upper warm-up or when D is non-finite)."""
         if self.step_count < self.hparams.upper_warmup_steps:
             return False
-        return self.upper.update(hypergradient, self.hparams.upper_lr, self.hparams.ma_weight)
+        hparams = self.hparams
+        return self.upper.update(
+            hypergradient, hparams.upper_lr, hparams.ma_weight, rule=hparams.upper_rule, rms_decay=hparams.upper_rms_decay
+        )
 
     @torch.no_grad()
     def apply_coordinates(self, deltas: Mapping[str, Tensor]) -> None:
