@@ -87,11 +87,20 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             args = BROSConfig(output_dir="bros_output")
         if not isinstance(args, BROSConfig):
             raise TypeError(f"BROSTrainer needs a BROSConfig, got {type(args).__name__}.")
-        if train_dataset is None:
-            raise ValueError("BROSTrainer needs a train_dataset.")
-        if upper_dataset is None:
+        evaluation_only = train_dataset is None and upper_dataset is None
+        if train_dataset is None and not evaluation_only:
+            raise ValueError("BROSTrainer needs a train_dataset (or neither a train nor an upper set, to only evaluate).")
+        if upper_dataset is None and not evaluation_only:
             raise ValueError("BROSTrainer needs an upper_dataset (the target set the upper level is learned on).")
-        keyed_train, names = attach_keys(train_dataset, args.upper_level, args.domain_column, args.domains)
+        if kwargs.get("optimizers", (None, None))[0] is not None:
+            raise ValueError(
+                "BROSTrainer builds its own optimizer over the subspace coordinates, so it cannot take a ready "
+                "optimizer through optimizers=(optimizer, scheduler). Pass the optimizer class and its keyword "
+                "arguments instead: optimizer_cls_and_kwargs=(torch.optim.AdamW, {...}), or set optim."
+            )
+        keyed_train, names = (None, None) if evaluation_only else attach_keys(
+            train_dataset, args.upper_level, args.domain_column, args.domains
+        )
         self.domains = names
         super().__init__(
             model=model,
@@ -102,6 +111,25 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             **kwargs,
         )
         self._check_backend()
+        self.upper: UpperVariable | None = None
+        self.upper_stream: UpperStream | None = None
+        self._domain_monitor: DomainPresenceMonitor | None = None
+        if not evaluation_only:
+            self._setup_bilevel(keyed_train, train_dataset, upper_dataset)
+        self.engine: BilevelEngine | None = None
+        self._coordinates: dict[str, nn.Parameter] = {}
+        self._accumulated: Terms | None = None  # this optimizer step's micro-batches so far
+        self._domain_counts: Tensor | None = None
+        self._skip_lower = False
+        self._num_training_steps: int | None = None  # set by create_optimizer_and_scheduler
+        self.mixture_history: list[list[float]] = []
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self.add_callback(WeightsExportCallback(self._export_at_end))
+
+    # ------------------------------------------------------------------ setup and validation
+    def _setup_bilevel(self, keyed_train: Any, train_dataset: Any, upper_dataset: Any) -> None:
+        """Keys, checks, the upper variables and the upper-batch stream; the collator that carries the keys."""
+        args = self.args
         self._train_keys = self._read_keys(keyed_train)
         self._label_space = self._check_label_space(train_dataset, upper_dataset)
         self._domain_monitor = self._build_domain_monitor()
@@ -120,17 +148,15 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             # The Trainer's eval loader collates with this one too.
             check=functools.partial(self._label_space.check_batch, where="training (or evaluation) set"),
         )
-        self.engine: BilevelEngine | None = None
-        self._coordinates: dict[str, nn.Parameter] = {}
-        self._accumulated: Terms | None = None  # this optimizer step's micro-batches so far
-        self._domain_counts: Tensor | None = None
-        self._skip_lower = False
-        self._num_training_steps: int | None = None  # set by create_optimizer_and_scheduler
-        self.mixture_history: list[list[float]] = []
-        self._metrics: dict[str, list[float]] = defaultdict(list)
-        self.add_callback(WeightsExportCallback(self._export_at_end))
 
-    # ------------------------------------------------------------------ setup and validation
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        if self.upper is None:
+            raise ValueError(
+                "This BROSTrainer was built without train_dataset and upper_dataset, for evaluation and prediction "
+                "only; pass both to train."
+            )
+        return super().train(*args, **kwargs)
+
     def _check_backend(self) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise ValueError(
@@ -263,7 +289,9 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         }
         decay_names = set(self.get_decay_parameter_names(self._bilevel_model()))
         self._decay_names = [n for n in params if n in decay_names]
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self._bilevel_model())
+        optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
+            self.args, self._bilevel_model()
+        )
         optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k != "weight_decay"}
         groups = [{"params": list(self._coordinates.values()), "weight_decay": 0.0}]
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import warnings
 
@@ -514,3 +515,31 @@ def test_batches_without_labels_name_the_fix(tmp_path, toy):
     unlabeled = target_ds.remove_columns("labels")
     with pytest.raises(ValueError, match=r"needs `labels` in every training and upper batch.*Add a labels column"):
         train(make_args(tmp_path, max_steps=1), train_ds, unlabeled)
+
+
+def test_evaluation_only_without_train_or_upper_set(tmp_path, toy):
+    """`--do_eval` without `--do_train`: no training or upper set needed; training is then refused clearly."""
+    trainer = BROSTrainer(model=TinyClassifier(), args=make_args(tmp_path), eval_dataset=toy[1])
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"])
+    with pytest.raises(ValueError, match="evaluation and prediction only; pass both"):
+        trainer.train()
+    with pytest.raises(ValueError, match="needs an upper_dataset"):
+        BROSTrainer(model=TinyClassifier(), args=make_args(tmp_path), train_dataset=toy[0])
+
+
+def test_optimizers_argument_names_the_alternative(tmp_path, toy):
+    model = TinyClassifier()
+    ready = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
+        BROSTrainer(model=model, args=make_args(tmp_path), train_dataset=toy[0], upper_dataset=toy[1], optimizers=(ready, None))
+    trainer = BROSTrainer(
+        model=model,
+        args=make_args(tmp_path, max_steps=3),
+        train_dataset=toy[0],
+        upper_dataset=toy[1],
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.01, "momentum": 0.9}),
+    )
+    trainer.train()
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert isinstance(inner, torch.optim.SGD) and inner.defaults["momentum"] == 0.9
