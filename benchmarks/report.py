@@ -224,7 +224,7 @@ def markdown(
             )
         lines.append(
             f"- Setting: profile `{settings.get('profile')}`, device `{settings.get('device')}`, "
-            f"batch {settings.get('batch_size')}, AdamW lr {settings.get('lr')} (lower level; BROS/MA-SOBA keep it in "
+            f"{'bf16 mixed precision' if settings.get('bf16') else 'fp32'}, batch {settings.get('batch_size')}, AdamW lr {settings.get('lr')} (lower level; BROS/MA-SOBA keep it in "
             f"coordinates), upper lr {settings.get('upper_lr') or 'default'}, aux lr {settings.get('aux_lr') or 'default'}, "
             f"seed {settings.get('seed')}, torch {ok[0].get('torch')} ({ok[0].get('threads')} threads), "
             f"transformers {ok[0].get('transformers')}."

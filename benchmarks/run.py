@@ -3,6 +3,7 @@
     python -m benchmarks.run --quick                      # CPU, a few minutes (used by the slow test)
     python -m benchmarks.run                              # CPU, bigger sizes (incl. a ~27M-parameter Llama)
     python -m benchmarks.run --device cuda                # GPU sizes (160M-1B Llama, GPT-2 124M, ViT-B)
+    python -m benchmarks.run --device cuda --bf16         # the same in bf16 mixed precision (TrainingArguments.bf16)
     python -m benchmarks.run --sizes llama-l --methods plain masoba-fd bros-r16-fd --steps 6
 
 Every configuration (model size × method) runs in its own subprocess (``benchmarks.worker``) with
@@ -180,6 +181,7 @@ def make_spec(
         "resample_interval": method.resample_interval or settings.get("resample_interval"),
         "lower_full_space_modules": list(method.lower_full_space_modules or []) or None,
         "threads": settings.get("threads"),
+        "bf16": bool(settings.get("bf16", False)),
         "run_dir": os.path.join(output_dir, "trainer_output", name),
     }
 
@@ -283,7 +285,7 @@ def build_plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
-    settings.update(seed=args.seed, resample_interval=args.resample_interval)
+    settings.update(seed=args.seed, resample_interval=args.resample_interval, bf16=args.bf16)
     if settings["batch_size"] % 3:
         raise SystemExit("--batch_size must be a multiple of 3 (balanced batches over the 3 domains).")
     grid: dict[str, Any] = dict(settings["grid"])
@@ -324,6 +326,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="Small CPU grid that finishes in a few minutes.")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (full mode; --quick always uses cpu).")
     parser.add_argument("--output_dir", default=os.path.join("outputs", "benchmarks"))
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 mixed precision (TrainingArguments.bf16=True) for every method; weights stay fp32.",
+    )
     parser.add_argument(
         "--sizes", nargs="+", help="Model sizes (benchmarks.models.SIZES); default: the profile's."
     )

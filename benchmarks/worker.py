@@ -230,6 +230,7 @@ def build_trainer(spec: dict[str, Any], model, train_ds, target_ds, output_dir: 
         save_strategy="no",
         report_to=[],
         use_cpu=not spec["device"].startswith("cuda"),
+        bf16=bool(spec.get("bf16", False)),
         disable_tqdm=True,
         seed=spec["seed"],
         data_seed=spec["seed"],

@@ -309,9 +309,10 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         return self.accelerator.mixed_precision == "bf16" or any(p.dtype in half for p in params.values())
 
     def _warn_if_optimizer_state_is_reset_every_step(self) -> None:
-        if self.args.bilevel_method == "bros" and self.args.sketch_resample_interval == 1 and self.args.optim != "sgd":
+        optim = getattr(self.args.optim, "value", self.args.optim)  # TrainingArguments makes it an OptimizerNames
+        if self.args.bilevel_method == "bros" and self.args.sketch_resample_interval == 1 and optim != "sgd":
             warnings.warn(
-                f"sketch_resample_interval=1 with optim={self.args.optim!r}: the lower subspace U changes every step "
+                f"sketch_resample_interval=1 with optim={optim!r}: the lower subspace U changes every step "
                 "and the optimizer state is reset with it, so every lower step is that optimizer's first step (for "
                 "AdamW about lr·sign(Uᵀ∇g)), not the analysed β·S_U∇g. Use optim='sgd' for the analysed step, or "
                 "sketch_resample_interval > 1 (default 40) to let the optimizer keep its state.",

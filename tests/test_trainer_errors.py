@@ -543,3 +543,13 @@ def test_optimizers_argument_names_the_alternative(tmp_path, toy):
     trainer.train()
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     assert isinstance(inner, torch.optim.SGD) and inner.defaults["momentum"] == 0.9
+
+
+def test_lower_subspace_redrawn_every_step_with_adamw_says_what_it_runs(tmp_path, toy):
+    args = make_args(tmp_path, max_steps=1, sketch_resample_interval=1)
+    trainer = build(args, *toy)
+    with pytest.warns(UserWarning, match=r"sketch_resample_interval=1 with optim='adamw.*optim='sgd'"):
+        trainer.create_optimizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(make_args(tmp_path, max_steps=1, sketch_resample_interval=1, optim="sgd"), *toy).create_optimizer()
