@@ -357,8 +357,10 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         """ℓ_i for every example of the batch: causal LM (labels shifted by one), encoder-decoder
         (``config.is_encoder_decoder``: labels aligned with the decoder's logits) or classification.
         Override for other heads."""
-        config = getattr(self._bilevel_model(), "config", None)
-        return per_example_losses(outputs, labels, shift_labels=not getattr(config, "is_encoder_decoder", False))
+        return per_example_losses(outputs, labels, shift_labels=not self._is_encoder_decoder())
+
+    def _is_encoder_decoder(self) -> bool:
+        return bool(getattr(getattr(self._bilevel_model(), "config", None), "is_encoder_decoder", False))
 
     def _second_order_context(self) -> contextlib.AbstractContextManager:
         if self.engine.hparams.hessian_mode == "autograd":
@@ -376,7 +378,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
                 "builds it."
             )
         model = self._bilevel_model()
-        if "decoder_input_ids" not in model_inputs and hasattr(model, "prepare_decoder_input_ids_from_labels"):
+        if self._is_encoder_decoder() and "decoder_input_ids" not in model_inputs:
             # Encoder-decoders build the decoder's inputs from the labels they are given; the labels stay out
             # of the forward (no mean loss computed and thrown away), so build them here as the model would.
             model_inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
