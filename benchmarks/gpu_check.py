@@ -41,8 +41,8 @@ NO_CUDA_MESSAGE = (
     "gpu_check: no CUDA device (torch.cuda.is_available() is False); run it on a machine with a GPU."
 )
 
-# The tiny configurations of tests/test_recipe_lm.py (TINY) and tests/test_recipe_vit.py (TINY), less
-# their --max_steps (this check runs 5 steps).
+# The recipes' tiny configurations, less --max_steps; tests/test_recipe_lm.py and tests/test_recipe_vit.py
+# run the same ones.
 LM_TINY = [
     "--hidden_size", "32",
     "--num_layers", "1",

@@ -12,29 +12,6 @@ from __future__ import annotations
 
 import datasets
 import numpy as np
-import torch
-from torch import nn
-
-
-class MLP(nn.Module):
-    """features -> logits MLP with an HF-style forward (loss when labels are given)."""
-
-    def __init__(self, in_dim: int, hidden: int, num_classes: int, depth: int = 1):
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = in_dim
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.Tanh()]
-            width = hidden
-        layers.append(nn.Linear(width, num_classes))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        logits = self.net(features)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = nn.functional.cross_entropy(logits, labels)
-        return out
 
 
 def rule_mixture_task(

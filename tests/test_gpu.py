@@ -12,12 +12,11 @@ import math
 import pytest
 import torch
 from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bros_hf import BROSConfig, BROSTrainer, DomainMixture, Sketch, lower_pass
-from bros_hf.core.estimators import SubspaceVector
+from bros_hf import BROSConfig, BROSTrainer, DomainMixture, Sketch
 from bros_hf.losses import per_example_losses
 from bros_hf.modules import model_perturber
+from tests.parity import materialised_and_hooked
 from tests.test_model_families import FAMILIES, _inputs
 from tests.test_trainer_lm import tiny_llama, token_domains
 
@@ -93,24 +92,9 @@ def test_hooks_match_materialised_perturbation_on_cuda(family):
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        results = []
-        with sdpa_kernel(SDPBackend.MATH):
-            for perturber in (None, hooks):
-                results.append(
-                    lower_pass(
-                        lower_loss,
-                        upper.logits,
-                        params,
-                        sketch_p,
-                        direction=SubspaceVector(sketch_q, sketch_q.reduce(z)),
-                        with_cross=True,
-                        mode="autograd",
-                        perturber=perturber,
-                    )
-                )
+        materialised, hooked = materialised_and_hooked(lower_loss, upper.logits, params, sketch_p, sketch_q, z, hooks)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    materialised, hooked = results
     for name in params:
         assert hooked.grad[name].is_cuda, name
         torch.testing.assert_close(hooked.grad[name], materialised.grad[name], rtol=1e-4, atol=1e-6, msg=name)

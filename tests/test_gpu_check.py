@@ -3,7 +3,6 @@ recipe flags (those of the recipe tests), and the harness's --bf16 plumbing. Fas
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import subprocess
@@ -108,23 +107,7 @@ def test_report_names_what_failed(tmp_path):
     assert "| llama-l | masoba-ag | error | — |" in markdown
 
 
-def _tiny_flags(test_file: str) -> list[str]:
-    """The ``TINY`` list of a recipe test module, read from its source (importing it loads the recipe)."""
-    tree = ast.parse((ROOT / "tests" / test_file).read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TINY" for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise AssertionError(f"no TINY in {test_file}")
-
-
-def _without_max_steps(flags: list[str]) -> list[str]:
-    i = flags.index("--max_steps")
-    return flags[:i] + flags[i + 2 :]
-
-
-def test_recipe_runs_use_the_recipe_tests_tiny_flags(tmp_path):
-    assert gpu_check.LM_TINY == _without_max_steps(_tiny_flags("test_recipe_lm.py"))
-    assert gpu_check.VIT_TINY == _without_max_steps(_tiny_flags("test_recipe_vit.py"))
+def test_recipe_command(tmp_path):
     command = gpu_check.recipe_command("lm_data_mixture", str(tmp_path))
     assert command[-4:] == ["--bf16", "True", "--max_steps", "5"] and "--cache_dir" in command
     assert command[1].endswith(os.path.join("recipes", "lm_data_mixture.py"))

@@ -28,16 +28,16 @@ import pytest
 import torch
 
 from bros_hf import BROSConfig, BROSTrainer
-from tests.known_answer_tasks import MLP, rule_mixture_task, total_variation
+from tests.known_answer_tasks import rule_mixture_task, total_variation
 from tests.toy import TinyClassifier, three_domain_toy
 
 STEPS = 1000  # interior tasks: the tail average covers updates 512..1000
 VERTEX_STEPS = 600
 TASKS = {
-    "three_domains": (lambda: rule_mixture_task((0.6, 0.4, 0.0), dim=8, classes=3, seed=0), lambda: MLP(8, 64, 3)),
+    "three_domains": (lambda: rule_mixture_task((0.6, 0.4, 0.0), dim=8, classes=3, seed=0), lambda: TinyClassifier(8, 64, 3)),
     "four_domains": (
         lambda: rule_mixture_task((0.5, 0.25, 0.25, 0.0), dim=10, classes=4, seed=1),
-        lambda: MLP(10, 48, 4),
+        lambda: TinyClassifier(10, 48, 4),
     ),
 }
 

@@ -12,6 +12,7 @@ from bros_hf import DomainMixture, Sketch, lower_pass
 from bros_hf.core.estimators import SubspaceVector, _CommonRandomNumbers, _first_order
 from bros_hf.losses import per_example_losses
 from bros_hf.modules import model_perturber
+from tests.parity import materialised_and_hooked
 from tests.toy import tiny_llama
 
 
@@ -41,23 +42,9 @@ def test_hooks_match_materialised_perturbation(mode, separate_lower):
     z = {n: torch.randn_like(p) * 0.01 for n, p in params.items()}
     hooks = model_perturber(model)
     assert "transformer.wte.weight" in hooks.modules and len(hooks.modules["transformer.wte.weight"]) == 2
-    results = []
-    with sdpa_kernel(SDPBackend.MATH):
-        for perturber in (None, hooks):
-            results.append(
-                lower_pass(
-                    lower_loss,
-                    upper.logits,
-                    params,
-                    sketch_p,
-                    direction=SubspaceVector(sketch_q, sketch_q.reduce(z)),
-                    with_cross=True,
-                    lower_sketch=sketch_u,
-                    mode=mode,
-                    perturber=perturber,
-                )
-            )
-    materialised, hooked = results
+    materialised, hooked = materialised_and_hooked(
+        lower_loss, upper.logits, params, sketch_p, sketch_q, z, hooks, mode=mode, lower_sketch=sketch_u
+    )
     # Same math, different float32 summation order: gradients to 1e-5 (FD: the mean of the ±δ
     # passes, 1e-4), FD Hessian action to 1e-3; the FD cross term differences loss values, so the
     # round-off of the two summation orders is amplified by 1/δ: 5e-3 (measured 1.3e-3).

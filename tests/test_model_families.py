@@ -7,12 +7,11 @@ import pytest
 import torch
 import transformers
 from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bros_hf import DomainMixture, Sketch, lower_pass
-from bros_hf.core.estimators import SubspaceVector
+from bros_hf import DomainMixture, Sketch
 from bros_hf.losses import per_example_losses
 from bros_hf.modules import model_perturber
+from tests.parity import materialised_and_hooked
 
 VOCAB = 96
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
@@ -108,22 +107,7 @@ def test_hooks_match_materialised_perturbation(family):
     z = {n: torch.randn(p.shape, generator=generator) * 0.05 for n, p in params.items()}
     hooks = model_perturber(model)
     assert hooks.modules, "some layers must be hooked, or the comparison is vacuous"
-    results = []
-    with sdpa_kernel(SDPBackend.MATH):
-        for perturber in (None, hooks):
-            results.append(
-                lower_pass(
-                    lower_loss,
-                    upper.logits,
-                    params,
-                    sketch_p,
-                    direction=SubspaceVector(sketch_q, sketch_q.reduce(z)),
-                    with_cross=True,
-                    mode="autograd",
-                    perturber=perturber,
-                )
-            )
-    materialised, hooked = results
+    materialised, hooked = materialised_and_hooked(lower_loss, upper.logits, params, sketch_p, sketch_q, z, hooks)
     for name in params:
         torch.testing.assert_close(hooked.grad[name], materialised.grad[name], rtol=1e-4, atol=1e-6, msg=name)
         torch.testing.assert_close(

@@ -18,26 +18,14 @@ from pathlib import Path
 import datasets
 import pytest
 
+from benchmarks.gpu_check import LM_TINY
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "lm_data_mixture.py"
 ACCELERATE_DIR = ROOT / "recipes" / "accelerate"
 DOMAINS = ["code", "docs", "legal", "prose"]
 
-TINY = [
-    "--max_steps", "3",
-    "--hidden_size", "32",
-    "--num_layers", "1",
-    "--num_heads", "2",
-    "--intermediate_size", "64",
-    "--vocab_size", "300",
-    "--block_size", "64",
-    "--max_docs_per_domain", "20",
-    "--chunk_chars", "1000",
-    "--per_device_train_batch_size", "4",
-    "--subspace_rank", "4",
-    "--logging_steps", "1",
-    "--disable_tqdm", "True",
-]
+TINY = ["--max_steps", "3", *LM_TINY]  # the tiny configuration, shared with benchmarks/gpu_check.py
 
 
 def _load_recipe():

@@ -19,26 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.gpu_check import VIT_TINY
+
 pytest.importorskip("sklearn")
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "vit_sample_reweighting.py"
 
-TINY = [
-    "--max_steps", "6",
-    "--hidden_size", "16",
-    "--num_hidden_layers", "1",
-    "--num_attention_heads", "2",
-    "--intermediate_size", "32",
-    "--max_train_samples", "120",
-    "--max_test_samples", "60",
-    "--val_size", "40",
-    "--per_device_train_batch_size", "16",
-    "--upper_warmup_steps", "2",
-    "--logging_steps", "3",
-    "--disable_tqdm", "True",
-    "--num_threads", "1",
-]  # fmt: skip
+TINY = ["--max_steps", "6", *VIT_TINY]  # the tiny configuration, shared with benchmarks/gpu_check.py
 
 
 def run_recipe(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
