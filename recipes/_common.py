@@ -57,6 +57,8 @@ def parse_with_defaults(
     defaults = dict(defaults)
     if not torch.cuda.is_available():
         defaults["use_cpu"] = True  # also what makes `accelerate launch --multi_gpu` use gloo on CPU
+    parser.set_defaults(**defaults)  # what --help shows; the values themselves are injected below
+    _own_options_first(parser, dataclass_types)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         values = read_config_file(argv[0])
         for option, extra in (defaults_if_given or {}).items():
@@ -92,3 +94,17 @@ def close_process_group() -> None:
     left to interpreter teardown can abort a finished rank: "terminate called without an active exception")."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _own_options_first(parser: HfArgumentParser, dataclass_types: tuple[type, ...]) -> None:
+    """In --help, list the options the recipe's dataclasses define themselves (the recipe's, then BROSConfig's
+    bilevel options) before the hundred that BROSConfig inherits from TrainingArguments. argparse has no public
+    way to reorder options, so this stably sorts each group's action list, which is all its help formatter reads."""
+    inherited = {
+        name
+        for dataclass_type in dataclass_types
+        for base in dataclass_type.__mro__[1:]
+        for name in getattr(base, "__dataclass_fields__", {})
+    }
+    for group in parser._action_groups:
+        group._group_actions.sort(key=lambda action: action.dest in inherited)

@@ -18,5 +18,16 @@ def test_recipe_help_works(recipe):
         [sys.executable, str(recipe), "--help"], capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "usage:" in result.stdout
-    assert "--upper_warmup_steps" in result.stdout
+    help_text = result.stdout
+    assert "usage:" in help_text and "--upper_warmup_steps" in help_text
+    if "--bilevel_method" in help_text:  # recipes on BROSConfig: the bilevel options before TrainingArguments'
+        options = help_text[help_text.index("options:") :]
+        assert options.index("\n  --bilevel_method") < options.index("\n  --learning_rate"), "bilevel options first"
+
+
+def test_help_shows_the_recipes_own_defaults():
+    recipe = next(p for p in RECIPES if p.name == "lm_data_mixture.py")
+    result = subprocess.run([sys.executable, str(recipe), "--help"], capture_output=True, text=True, timeout=300)
+    block = result.stdout[result.stdout.index("\n  --max_steps") :]
+    block = block[: block.index("\n  --", 3)]
+    assert "(default: 200)" in " ".join(block.split()), block  # the recipe's max_steps, not TrainingArguments' -1
