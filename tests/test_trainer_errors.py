@@ -553,3 +553,16 @@ def test_lower_subspace_redrawn_every_step_with_adamw_says_what_it_runs(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build(make_args(tmp_path, max_steps=1, sketch_resample_interval=1, optim="sgd"), *toy).create_optimizer()
+
+
+def test_per_example_loss_of_the_wrong_shape_is_an_error(tmp_path, toy):
+    """One loss for a whole batch (as a padding-free row of several examples gives) would broadcast against the
+    examples' weights and leave the mixture uniform without a word: it must raise."""
+
+    class BatchMeanLoss(BROSTrainer):
+        def per_example_loss(self, outputs, labels):
+            return super().per_example_loss(outputs, labels).mean().reshape(1)
+
+    trainer = build_with(TinyClassifier(), make_args(tmp_path, max_steps=1), *toy, trainer_cls=BatchMeanLoss)
+    with pytest.raises(ValueError, match=r"per-example loss has shape \(1,\) but the batch has 24 examples.*Padding-free"):
+        trainer.train()

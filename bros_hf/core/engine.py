@@ -395,10 +395,20 @@ def make_lower_loss(
     upper: UpperVariable,
     keys: Tensor,
 ) -> LowerLossFn:
-    """g(λ, θ) = (1/n) Σ_i c_i(λ) ℓ_i(θ) for the examples with ``keys`` (domain ids or indices)."""
+    """g(λ, θ) = (1/n) Σ_i c_i(λ) ℓ_i(θ) for the examples with ``keys`` (domain ids or indices).
+
+    ``per_example_loss`` must return one loss per key: any other shape would broadcast against the
+    coefficients and weight the wrong examples, so it is an error."""
 
     def lower_loss(lam: Tensor, params: dict[str, Tensor]) -> Tensor:
         losses = per_example_loss(params)
+        if losses.shape != keys.shape:
+            raise ValueError(
+                f"The per-example loss has shape {tuple(losses.shape)} but the batch has {keys.numel()} examples "
+                f"(keys of shape {tuple(keys.shape)}): one loss per example is needed. Padding-free batches "
+                "(DataCollatorWithFlattening) hold several examples in one row and need per-segment losses; "
+                "otherwise return one loss per example from per_example_loss."
+            )
         return (upper.coefficients(keys, lam).to(losses.dtype) * losses).mean()
 
     return lower_loss
