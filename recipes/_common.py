@@ -6,9 +6,12 @@ folder on ``sys.path`` first, so this works when they run as scripts and when te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import datasets
@@ -108,3 +111,22 @@ def _own_options_first(parser: HfArgumentParser, dataclass_types: tuple[type, ..
     }
     for group in parser._action_groups:
         group._group_actions.sort(key=lambda action: action.dest in inherited)
+
+
+@contextlib.contextmanager
+def explained_hub_errors(what: str, name: str | None) -> Iterator[None]:
+    """Turn a failed hub or disk load of ``name`` into one line that says what failed and how to pass local
+    files (SystemExit: no traceback), instead of the chained tracebacks of the hub client."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+        offline = " The hub is not reachable from here (or HF_HUB_OFFLINE=1)." if _hub_offline() else ""
+        raise SystemExit(
+            f"error: could not load {what} {name!r}: {reason}.{offline} Pass a local folder (a save_pretrained "
+            "directory, or data files such as --train_files) instead of a hub name."
+        ) from None
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

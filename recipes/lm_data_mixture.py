@@ -75,7 +75,7 @@ from bros_hf import BROSConfig, BROSTrainer
 from bros_hf.export import write_json_atomic
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules, also when loaded by path
-from _common import close_process_group, parse_with_defaults, setup_logging  # noqa: E402
+from _common import close_process_group, explained_hub_errors, parse_with_defaults, setup_logging  # noqa: E402
 from local_corpus import build_local_corpus, tokenize_and_group, train_bpe_tokenizer  # noqa: E402
 
 logger = logging.getLogger("lm_data_mixture")
@@ -456,9 +456,10 @@ def load_raw_data(data_args: DataArguments, training_args: BROSConfig, cache: Pa
         splits = dict(corpus)
     else:
         if data_args.dataset_name is not None:
-            loaded = datasets.load_dataset(
-                data_args.dataset_name, data_args.dataset_config_name, cache_dir=hub_cache
-            )
+            with explained_hub_errors("dataset", data_args.dataset_name):
+                loaded = datasets.load_dataset(
+                    data_args.dataset_name, data_args.dataset_config_name, cache_dir=hub_cache
+                )
             if data_args.train_split not in loaded:
                 raise ValueError(f"{data_args.dataset_name} has no split {data_args.train_split!r}: {list(loaded)}.")
             source = {
@@ -519,9 +520,10 @@ def _fingerprint(ds: datasets.Dataset) -> str:
 def load_tokenizer(model_args: ModelArguments, raw: datasets.DatasetDict, cache: Path | None, overwrite: bool):
     name = model_args.tokenizer_name or model_args.model_name_or_path
     if name is not None:
-        tokenizer = AutoTokenizer.from_pretrained(
-            name, trust_remote_code=model_args.trust_remote_code, cache_dir=str(cache / "hub") if cache else None
-        )
+        with explained_hub_errors("tokenizer", name):
+            tokenizer = AutoTokenizer.from_pretrained(
+                name, trust_remote_code=model_args.trust_remote_code, cache_dir=str(cache / "hub") if cache else None
+            )
         if tokenizer.eos_token is None:
             raise ValueError(f"Tokenizer {name} has no eos token (needed between documents of a block).")
         if tokenizer.pad_token is None:
@@ -606,12 +608,13 @@ def build_model(model_args: ModelArguments, tokenizer, seed: int) -> torch.nn.Mo
     if model_args.model_name_or_path is not None:
         dtype = model_args.torch_dtype
         dtype = dtype if dtype in (None, "auto") else getattr(torch, dtype)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path,
-            dtype=dtype,
-            attn_implementation=model_args.attn_implementation,
-            trust_remote_code=model_args.trust_remote_code,
-        )
+        with explained_hub_errors("model", model_args.model_name_or_path):
+            model = AutoModelForCausalLM.from_pretrained(
+                model_args.model_name_or_path,
+                dtype=dtype,
+                attn_implementation=model_args.attn_implementation,
+                trust_remote_code=model_args.trust_remote_code,
+            )
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
     else:

@@ -93,7 +93,7 @@ from bros_hf import BROSConfig, BROSTrainer
 from bros_hf.export import write_json_atomic
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules, also when loaded by path
-from _common import close_process_group, parse_with_defaults, setup_logging  # noqa: E402
+from _common import close_process_group, explained_hub_errors, parse_with_defaults, setup_logging  # noqa: E402
 from digits import corrupt_labels, detection_metrics, load_noisy_digits  # noqa: E402
 
 logger = logging.getLogger("vit_sample_reweighting")
@@ -361,9 +361,10 @@ def load_hub_data(
     """An image classification dataset through ``datasets.load_dataset``; images become ``pixel_values``
     through the model's image processor in an on-the-fly ``set_transform``. Returns the data and the
     model config (its label set comes from the data)."""
-    raw = datasets.load_dataset(
-        data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir
-    )
+    with explained_hub_errors("dataset", data_args.dataset_name):
+        raw = datasets.load_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir
+        )
     train = raw[data_args.train_split]
     image_column = _pick_column(train, data_args.image_column, ("image", "img", "pixel_values"), "image")
     label_column = _pick_column(train, data_args.label_column, ("label", "labels", "fine_label"), "label")
@@ -422,9 +423,8 @@ def model_config(
 ) -> transformers.PretrainedConfig:
     labels = {"num_labels": num_labels, "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     if model_args.model_name_or_path is not None:
-        return AutoConfig.from_pretrained(
-            model_args.model_name_or_path, cache_dir=model_args.cache_dir, **labels
-        )
+        with explained_hub_errors("model config", model_args.model_name_or_path):
+            return AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir, **labels)
     return ViTConfig(
         image_size=model_args.image_size,
         patch_size=model_args.patch_size,
@@ -446,10 +446,11 @@ def build_model(
     if model_args.attn_implementation is not None:
         kwargs["attn_implementation"] = model_args.attn_implementation
     if model_args.model_name_or_path is not None:
-        return AutoModelForImageClassification.from_pretrained(
-            model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
-            ignore_mismatched_sizes=True, **kwargs,
-        )  # fmt: skip
+        with explained_hub_errors("model", model_args.model_name_or_path):
+            return AutoModelForImageClassification.from_pretrained(
+                model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
+                ignore_mismatched_sizes=True, **kwargs,
+            )  # fmt: skip
     if model_args.attn_implementation is not None:
         config._attn_implementation = model_args.attn_implementation
     return ViTForImageClassification(config)
@@ -458,7 +459,8 @@ def build_model(
 def load_processor(model_args: ModelArguments, config: transformers.PretrainedConfig) -> Any:
     name = model_args.image_processor_name or model_args.model_name_or_path
     if name is not None:
-        return AutoImageProcessor.from_pretrained(name, cache_dir=model_args.cache_dir)
+        with explained_hub_errors("image processor", name):
+            return AutoImageProcessor.from_pretrained(name, cache_dir=model_args.cache_dir)
     channels = config.num_channels
     return ViTImageProcessor(
         size={"height": config.image_size, "width": config.image_size},
