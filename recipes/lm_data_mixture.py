@@ -39,9 +39,11 @@ With a hub: ``--model_name_or_path``, ``--dataset_name`` (needs a domain column,
 file per domain whose stem is the domain name) and ``--target_files``. ``--lora_r 8`` trains LoRA
 adapters (then the adapters are the lower level θ).
 
-Outputs in ``--output_dir``: ``mixture_weights.json`` (final and time-averaged mixture),
+Outputs in ``--output_dir``: ``mixture_weights.json`` (learned mixture ``weights`` = tail average, and ``final``),
 ``mixture_weights.png`` (trajectory), ``report.json`` (mixture, per-domain perplexity before/after,
-apply-mixture comparison, timings), the trained model and tokenizer.
+apply-mixture comparison, timings), the trained model and tokenizer; with ``--apply_mixture``,
+``apply_mixture/learned/`` and ``apply_mixture/uniform/`` hold each model trained with the plain Trainer
+and its ``eval_results.json``.
 """
 
 from __future__ import annotations
@@ -775,13 +777,16 @@ def apply_mixtures(
         start = time.time()
         trainer.train()
         elapsed = time.time() - start
+        trainer.save_model()  # apply_mixture/<label>/: the model trained on that mixture, with its tokenizer
         evaluation = evaluate_sets(trainer, eval_sets)
         results[label] = {
             "mixture": probabilities,
             "train_seconds": round(elapsed, 1),
             "eval": evaluation,
             "target_perplexity": evaluation[target_name]["perplexity"],
+            "model_dir": args.output_dir,
         }
+        write_json_atomic(os.path.join(args.output_dir, "eval_results.json"), results[label])
         del trainer, model
     results["target"] = target_name
     results["target_perplexity_ratio"] = (

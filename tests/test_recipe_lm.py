@@ -221,6 +221,10 @@ def test_recipe_apply_mixture(tmp_path, cache_dir):
     assert applied["uniform"]["mixture"] == pytest.approx({d: 0.25 for d in DOMAINS})
     for label in ("learned", "uniform"):
         _check_perplexities(applied[label]["eval"], [*DOMAINS, "target"])
+        saved = out / "apply_mixture" / label  # each model trained on a mixture is kept, with its evaluation
+        assert applied[label]["model_dir"] == str(saved)
+        assert (saved / "model.safetensors").exists() and (saved / "config.json").exists()
+        assert json.loads((saved / "eval_results.json").read_text())["eval"] == applied[label]["eval"]
     assert applied["target_perplexity_ratio"] == pytest.approx(
         applied["learned"]["target_perplexity"] / applied["uniform"]["target_perplexity"]
     )
