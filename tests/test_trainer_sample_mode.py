@@ -25,16 +25,6 @@ from tests.toy import TinyClassifier
 pytest.importorskip("sklearn")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine OpenMP oversubscription
-    makes every small matmul milliseconds slow. Restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def as_dataset(x: np.ndarray, y: np.ndarray) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"features": x, "labels": y}).with_format("torch")
 
