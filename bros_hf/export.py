@@ -54,10 +54,18 @@ def mixture_payload(
     }
 
 
-def sample_weights_payload(weights: Sequence[float], step: int, upper_updates: int) -> dict[str, Any]:
-    """The content of ``sample_weights.json``: {training-set index (as str): σ(λ_i)}, the optimizer step and
-    the number of upper-level updates (0: every weight is still the initial 0.5)."""
-    return {"step": step, "upper_updates": upper_updates, "weights": {str(i): w for i, w in enumerate(weights)}}
+def sample_weights_payload(
+    weights: Sequence[float], final: Sequence[float], step: int, upper_updates: int
+) -> dict[str, Any]:
+    """The content of ``sample_weights.json``: ``weights``, {training-set index (as str): learned weight}, the
+    tail average of σ(λ_i) to use; ``final``, the same for the last iterate; the optimizer step and the number of
+    upper-level updates (0: every weight is still the initial 0.5)."""
+    return {
+        "step": step,
+        "upper_updates": upper_updates,
+        "weights": {str(i): w for i, w in enumerate(weights)},
+        "final": {str(i): w for i, w in enumerate(final)},
+    }
 
 
 def _pyplot():

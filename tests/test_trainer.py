@@ -174,7 +174,12 @@ def test_sample_mode_weights_align_with_dataset(tmp_path, toy):
     mean = {d: float(weights[[i for i, x in enumerate(domains) if x == d]].mean()) for d in "ABC"}
     assert mean["A"] > mean["B"] and mean["A"] > mean["C"], mean
     exported = json.loads((tmp_path / "out" / "sample_weights.json").read_text())
-    assert len(exported["weights"]) == len(toy[0])
+    assert len(exported["weights"]) == len(exported["final"]) == len(toy[0])
+    final = trainer.final_sample_weights()
+    assert torch.equal(final, trainer.upper.weights().cpu()), "final_sample_weights is the last iterate"
+    assert not torch.equal(weights, final), "sample_weights is the tail average, not the last iterate"
+    assert [exported["weights"][str(i)] for i in range(3)] == pytest.approx(weights[:3].tolist())
+    assert [exported["final"][str(i)] for i in range(3)] == pytest.approx(final[:3].tolist())
     assert os.path.exists(tmp_path / "out" / "sample_weights.png")
 
 
