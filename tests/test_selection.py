@@ -1,0 +1,110 @@
+"""bros_hf.selection: reading sample_weights.json back and keeping the examples the run trusts."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import digits  # recipes/digits.py (tests/conftest.py puts recipes/ on sys.path)
+import numpy as np
+import pytest
+import torch
+
+from bros_hf import BROSTrainer
+from bros_hf.export import sample_weights_payload, write_json_atomic
+from bros_hf.selection import keep_examples, kept_indices, load_sample_weights
+from tests.test_trainer_sample_mode import as_dataset, sample_mode_args
+from tests.toy import TinyClassifier
+
+pytest.importorskip("sklearn")
+
+
+def test_kept_indices_is_the_threshold_rule():
+    assert kept_indices([0.9, 0.1, 0.5, 0.49], threshold=0.5) == [0, 2]
+    assert kept_indices(np.array([0.2, 0.3]), threshold=0.25) == [1]
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, -0.1, float("nan")])
+def test_threshold_outside_the_open_interval_is_refused(threshold):
+    with pytest.raises(ValueError, match="threshold must be in"):
+        kept_indices([0.5], threshold=threshold)
+
+
+def test_non_finite_weights_are_refused():
+    with pytest.raises(ValueError, match="finite 1-D"):
+        kept_indices([0.5, float("nan")])
+
+
+def test_keep_examples_refuses_weights_of_another_dataset_and_empty_selections():
+    ds = datasets.Dataset.from_dict({"x": [1, 2, 3]})
+    with pytest.raises(ValueError, match="2 weights for a dataset of 3 rows"):
+        keep_examples(ds, [0.9, 0.9])
+    with pytest.raises(ValueError, match="No example has weight"):
+        keep_examples(ds, [0.1, 0.2, 0.3])
+    assert keep_examples(ds, [0.9, 0.1, 0.6])["x"] == [1, 3]
+
+
+def test_load_refuses_incomplete_files_and_runs_that_never_moved(tmp_path):
+    path = str(tmp_path / "sample_weights.json")
+    write_json_atomic(path, sample_weights_payload([0.5, 0.5], [0.5, 0.5], step=10, upper_updates=0))
+    with pytest.raises(ValueError, match="upper_updates = 0"):
+        load_sample_weights(path)
+    payload = sample_weights_payload([0.2, 0.8, 0.6], [0.1, 0.9, 0.7], step=10, upper_updates=5)
+    del payload["weights"]["1"]
+    write_json_atomic(path, payload)
+    with pytest.raises(ValueError, match="not 0..1"):
+        load_sample_weights(path)
+    (tmp_path / "other.json").write_text(json.dumps({"domains": ["a"]}))
+    with pytest.raises(ValueError, match="no 'weights' entry"):
+        load_sample_weights(str(tmp_path / "other.json"))
+
+
+def _accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x))["logits"]
+    return float((logits.argmax(-1) == torch.from_numpy(y)).float().mean())
+
+
+def _train_plain(x: np.ndarray, y: np.ndarray, seed: int, steps: int = 600) -> torch.nn.Module:
+    """Full-batch-ish AdamW on a fresh TinyClassifier: the second stage's plain training."""
+    torch.manual_seed(seed)
+    model = TinyClassifier(in_dim=64, hidden=64, num_classes=10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(steps):
+        batch = torch.randint(len(xs), (50,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(model(xs[batch])["logits"], ys[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def test_second_stage_on_kept_examples_beats_training_on_all(tmp_path, one_thread):
+    """Pair-flip noise (y → y+1), 35 %: learn weights with BROSTrainer (package upper-level defaults), write
+    sample_weights.json, read it back, keep w ≥ 0.5 and train a fresh model on those examples only. The kept
+    set must be mostly clean and the fresh model must beat the same training on every noisy example."""
+    data = digits.load_noisy_digits(noise_rate=0.35, noise_kind="pair", seed=1)
+    args = sample_mode_args(tmp_path, bilevel_method="bros")
+    torch.manual_seed(args.seed)
+    trainer = BROSTrainer(
+        model=TinyClassifier(in_dim=64, hidden=64, num_classes=10),
+        args=args,
+        train_dataset=as_dataset(data.x_train, data.y_train),
+        upper_dataset=as_dataset(data.x_val, data.y_val),
+    )
+    trainer.train()
+
+    weights = load_sample_weights(str(tmp_path / "out" / "sample_weights.json"))
+    np.testing.assert_allclose(weights, trainer.sample_weights().numpy(), rtol=1e-6)
+    kept = keep_examples(datasets.Dataset.from_dict({"row": list(range(data.num_train))}), weights)["row"]
+    kept_corrupted = float(data.is_corrupted[kept].mean())
+    assert kept_corrupted < 0.1, kept_corrupted  # 35 % before selection
+    assert len(kept) > 0.5 * float((~data.is_corrupted).sum())
+
+    on_all = _accuracy(_train_plain(data.x_train, data.y_train, seed=0), data.x_test, data.y_test)
+    on_kept = _accuracy(
+        _train_plain(data.x_train[kept], data.y_train[kept], seed=0), data.x_test, data.y_test
+    )
+    assert on_kept > on_all + 0.05, (on_kept, on_all)
