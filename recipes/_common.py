@@ -44,6 +44,7 @@ def parse_with_defaults(
     argv: list[str] | None,
     defaults: dict[str, Any],
     defaults_if_given: dict[str, dict[str, Any]] | None = None,
+    reasons: dict[str, str] | None = None,
 ) -> tuple[tuple[Any, ...], set[str]]:
     """Parse ``dataclass_types`` with ``HfArgumentParser``, filling every default the user did not give.
 
@@ -51,7 +52,8 @@ def parse_with_defaults(
     ``.json``/``.yaml`` file. The recipe ``defaults`` (plus ``use_cpu=True`` when CUDA is missing) are
     injected *before* parsing, so ``TrainingArguments.__post_init__`` sees final values. For each
     ``option: extra`` of ``defaults_if_given``, ``extra`` joins the defaults when ``option`` is on the
-    command line (or set to a non-empty value in the file).
+    command line (or set to a non-empty value in the file). ``reasons`` ({option: why the recipe departs
+    from the package default}) is appended to those options' help.
 
     Returns the parsed dataclasses and the names of the options given explicitly.
     """
@@ -61,6 +63,7 @@ def parse_with_defaults(
     if not torch.cuda.is_available():
         defaults["use_cpu"] = True  # also what makes `accelerate launch --multi_gpu` use gloo on CPU
     parser.set_defaults(**defaults)  # what --help shows; the values themselves are injected below
+    _explain_recipe_defaults(parser, reasons or {})
     _own_options_first(parser, dataclass_types)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         values = read_config_file(argv[0])
@@ -97,6 +100,17 @@ def close_process_group() -> None:
     left to interpreter teardown can abort a finished rank: "terminate called without an active exception")."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _explain_recipe_defaults(parser: HfArgumentParser, reasons: dict[str, str]) -> None:
+    """Append "Recipe default, not the package's: <reason>" to the help of every option in ``reasons``."""
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(set(reasons) - set(actions))
+    if unknown:
+        raise ValueError(f"Reasons given for options the parser does not have: {unknown}.")
+    for name, reason in reasons.items():
+        note = f"Recipe default, not the package's: {reason}".replace("%", "%%")
+        actions[name].help = f"{actions[name].help or ''} {note}".strip()
 
 
 def _own_options_first(parser: HfArgumentParser, dataclass_types: tuple[type, ...]) -> None:

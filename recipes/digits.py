@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from bros_hf.core.engine import BilevelEngine, BilevelHyperparameters, make_lower_loss
-from bros_hf.core.upper import SampleWeights
+from bros_hf.core.upper import SampleWeights, UpperRule
 
 NoiseKind = Literal["uniform", "pair"]
 NUM_CLASSES = 10
@@ -210,13 +210,13 @@ def detection_metrics(weights, is_corrupted, threshold: float = 0.5) -> dict[str
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class HyperCleaningConfig:
-    """Knobs of :func:`run_hyper_cleaning` (defaults: tuned for 40% uniform noise on digits).
-
-    ``upper_lr`` is large because a per-example hypergradient carries the 1/B of the batch mean
-    and each example is visited once per epoch (the moving average then decays between visits):
-    α = 100 moves a logit by O(1) over a few dozen epochs. ``aux_lr`` is γ before BROS's r/n
-    scaling (γ·16/64 on the weight matrix, γ on the bias). Checked on seeds 0-4 with rank 8 and 16,
-    both Hessian modes, uniform and pair noise.
+    """Knobs of :func:`run_hyper_cleaning`. The lower level (SGD step, weight decay, steps, batch) is tuned
+    for 40% uniform noise on digits; the upper and auxiliary knobs are the package defaults of
+    ``BROSConfig`` for example weights: the normalised upper rule with α = 0.5, γ = 0.05 (before BROS's
+    r/n scaling: γ·16/64 on the weight matrix, γ on the bias), ρ = 0.1, no warm-up, ‖z‖ ≤ 5.
+    Measured with ``python recipes/hyper_cleaning.py`` on seeds 0 and 1: AUROC 0.974 / 0.964 (bros),
+    0.970 / 0.953 (masoba), the same as the hand-tuned MA-SOBA step it replaced (α = 100, γ = 0.5,
+    ρ = 0.5, 100 warm-up steps: 0.972 / 0.966 and 0.967 / 0.966).
     """
 
     method: Literal["bros", "masoba"] = "bros"
@@ -225,14 +225,15 @@ class HyperCleaningConfig:
     batch_size: int = 100
     lower_lr: float = 1.0
     weight_decay: float = 1e-3
-    aux_lr: float = 0.5
-    upper_lr: float = 100.0
-    ma_weight: float = 0.5
-    upper_warmup_steps: int = 100
+    aux_lr: float = 0.05
+    upper_lr: float = 0.5
+    upper_rule: UpperRule = "normalized"
+    ma_weight: float = 0.1
+    upper_warmup_steps: int = 0
     hessian_mode: Literal["autograd", "finite_difference"] = "autograd"
     sketch: Literal["rademacher", "gaussian"] = "rademacher"
     resample_every: int = 1
-    z_radius: float | None = None
+    z_radius: float | None = 5.0
     seed: int = 0
     num_threads: int | None = 1
 
@@ -245,6 +246,7 @@ class HyperCleaningConfig:
             hessian_mode=self.hessian_mode,
             aux_lr=self.aux_lr,
             upper_lr=self.upper_lr,
+            upper_rule=self.upper_rule,
             ma_weight=self.ma_weight,
             z_radius=self.z_radius,
             upper_warmup_steps=self.upper_warmup_steps,

@@ -57,13 +57,14 @@ def load_recipe_module():
     return module
 
 
-def check_report(out: Path, *, baselines: bool, method: str = "bros") -> dict:
+def check_report(out: Path, *, baselines: bool, method: str = "bros", second_stage: bool = True) -> dict:
     report = json.loads((out / "report.json").read_text())
     png = (out / "weights_histogram.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")], "temporary files left behind"
     runs = report["runs"]
-    assert set(runs) == ({"plain_noisy", "bros", "oracle_clean"} if baselines else {"bros"})
+    expected = {"bros"} | ({"plain_noisy", "oracle_clean"} if baselines else set())
+    assert set(runs) == expected | ({"bros_second_stage"} if second_stage else set())
     for run in runs.values():
         assert 0.0 <= run["test_accuracy"] <= 1.0
         assert run["wall_time_s"] > 0 and math.isfinite(run["train_loss"])
@@ -80,6 +81,12 @@ def check_report(out: Path, *, baselines: bool, method: str = "bros") -> dict:
         assert report["bros_minus_plain_noisy_accuracy"] == pytest.approx(
             bros["test_accuracy"] - runs["plain_noisy"]["test_accuracy"]
         )
+        plain, oracle = runs["plain_noisy"]["test_accuracy"], runs["oracle_clean"]["test_accuracy"]
+        if oracle != plain:
+            assert bros["gap_closure"] == pytest.approx((bros["test_accuracy"] - plain) / (oracle - plain))
+    if second_stage:
+        kept = runs["bros_second_stage"]["num_train"]
+        assert 0 < kept <= data["num_train"]
     weights = json.loads((out / "bros" / "sample_weights.json").read_text())["weights"]
     assert len(weights) == data["num_train"]
     return report
@@ -108,9 +115,10 @@ def test_tiny_masoba_pair_noise_without_baselines(tmp_path):
             "--noise_kind",
             "pair",
             "--no_run_baselines",
+            "--no_second_stage",
         ]
     )
-    report = check_report(out, baselines=False, method="masoba")
+    report = check_report(out, baselines=False, method="masoba", second_stage=False)
     assert report["data"]["noise_kind"] == "pair"
 
 
@@ -182,12 +190,27 @@ def test_recipe_defaults_fill_only_what_the_user_did_not_give():
     assert data_args.dataset_name == "cifar10" and not args.remove_unused_columns
 
 
-# Measured default runs (digits, 40% uniform noise, --seed = --noise_seed = 0 / 1 / 2, one thread):
-# test accuracy BROS 0.840 / 0.842 / 0.848 vs plain Trainer on noisy labels 0.766 / 0.726 / 0.712;
-# AUROC of the final weights 0.889 / 0.879 / 0.900 (time-averaged weights 0.903 / 0.892 / 0.911).
-# (Before the auxiliary probes were redrawn every step, time-averaged AUROC was 0.918-0.922.)
-DEFAULT_MIN_AUROC = 0.85
-DEFAULT_MIN_AUROC_TIME_AVERAGED = 0.88
+def test_second_stage_trains_on_the_examples_kept_and_masoba_comparison(tmp_path):
+    out = tmp_path / "out"
+    result = run_recipe(
+        ["--output_dir", str(out), *TINY, "--upper_warmup_steps", "0", "--compare_masoba", "--no_run_baselines"]
+    )
+    report = json.loads((out / "report.json").read_text())
+    runs = report["runs"]
+    assert set(runs) == {"bros", "bros_second_stage", "masoba", "masoba_second_stage"}
+    for name in ("bros", "masoba"):
+        weights = json.loads((out / name / "sample_weights.json").read_text())["weights"].values()
+        kept = sum(w >= 0.5 for w in weights)
+        assert 0 < kept < len(weights), "six steps without warm-up move some weights below 0.5"
+        assert runs[f"{name}_second_stage"]["num_train"] == kept
+    assert "| (d) plain Trainer, examples masoba weighs ≥ threshold |" in result.stdout
+
+
+# Measured default run (digits, 40% uniform noise, seed 0, 2026-12-01): test accuracy BROS 0.868 vs plain Trainer on
+# noisy labels 0.782 and clean-only oracle 0.956 (gap closed 0.49); AUROC of the learned (tail-averaged) weights
+# 0.905, of the last iterate 0.890.
+DEFAULT_MIN_AUROC = 0.88
+DEFAULT_MIN_GAP_CLOSED = 0.4
 
 
 @pytest.mark.slow
@@ -196,8 +219,6 @@ def test_default_run_beats_plain_trainer_on_noisy_labels(tmp_path):
     run_recipe(["--output_dir", str(out), "--disable_tqdm", "True"], timeout=1800)
     report = check_report(out, baselines=True)
     runs = report["runs"]
-    assert runs["bros"]["test_accuracy"] > runs["plain_noisy"]["test_accuracy"], runs
+    assert runs["bros"]["gap_closure"] >= DEFAULT_MIN_GAP_CLOSED, runs
     assert runs["bros"]["detection"]["auroc"] >= DEFAULT_MIN_AUROC, runs["bros"]["detection"]
-    averaged = runs["bros"]["detection_time_averaged_weights"]
-    assert averaged["auroc"] >= DEFAULT_MIN_AUROC_TIME_AVERAGED, averaged
     assert runs["oracle_clean"]["test_accuracy"] > runs["bros"]["test_accuracy"] - 0.02, runs
