@@ -62,13 +62,9 @@ EVAL_BATCH = 256
 
 
 # ---------------------------------------------------------------------------------------------- methods
-def run_bilevel(task: MixtureTask, method: str, seed: int, workdir: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """BROSTrainer (``method`` = "bros" or "masoba") with the package's bilevel defaults."""
-    args = BROSConfig(
-        output_dir=os.path.join(workdir, f"{task.name}-{method}-{seed}"),
-        bilevel_method=method,
-        upper_level="domain",
-        domains=list(task.domains),
+def lower_settings(task: MixtureTask, seed: int) -> dict[str, Any]:
+    """The TrainingArguments every training of ``task`` shares (mixture learning and the fresh model)."""
+    return dict(
         max_steps=task.steps,
         per_device_train_batch_size=task.batch_size,
         learning_rate=task.learning_rate,
@@ -81,6 +77,17 @@ def run_bilevel(task: MixtureTask, method: str, seed: int, workdir: str) -> tupl
         data_seed=seed,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+    )
+
+
+def run_bilevel(task: MixtureTask, method: str, seed: int, workdir: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """BROSTrainer (``method`` = "bros" or "masoba") with the package's bilevel defaults."""
+    args = BROSConfig(
+        output_dir=os.path.join(workdir, f"{task.name}-{method}-{seed}"),
+        bilevel_method=method,
+        upper_level="domain",
+        domains=list(task.domains),
+        **lower_settings(task, seed),
     )
     trainer = BROSTrainer(
         model=task.make_model(seed),
@@ -173,21 +180,7 @@ def target_loss(model: torch.nn.Module, dataset: DictDataset) -> float:
 
 def fresh_target_loss(task: MixtureTask, weights: np.ndarray, seed: int, workdir: str) -> float:
     """Target-eval loss of a fresh model trained by the plain Trainer on the ``weights`` mixture."""
-    args = TrainingArguments(
-        output_dir=os.path.join(workdir, "fresh"),
-        max_steps=task.steps,
-        per_device_train_batch_size=task.batch_size,
-        learning_rate=task.learning_rate,
-        logging_steps=task.steps,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=seed,
-        data_seed=seed,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-    )
+    args = TrainingArguments(output_dir=os.path.join(workdir, "fresh"), **lower_settings(task, seed))
     model = task.make_model(seed)
     trainer = Trainer(
         model=model, args=args, train_dataset=mixture_sample(task, weights, seed), data_collator=collate
