@@ -75,10 +75,11 @@ def train_plain(train: datasets.Dataset, data: digits.NoisyDigits, args: BROSCon
 
 
 def train_bilevel(
-    method: str, data: digits.NoisyDigits, args: BROSConfig
+    train: datasets.Dataset, data: digits.NoisyDigits, args: BROSConfig
 ) -> tuple[dict[str, Any], np.ndarray]:
+    """BROSTrainer in sample mode on ``train`` (the noisy labels), target = the clean validation split."""
     model = fresh_model(args.seed)
-    train, upper = as_dataset(data.x_train, data.y_train), as_dataset(data.x_val, data.y_val)
+    upper = as_dataset(data.x_val, data.y_val)
     trainer = BROSTrainer(model=model, args=args, train_dataset=train, upper_dataset=upper)
     start = time.perf_counter()
     trainer.train()
@@ -109,11 +110,11 @@ def run_seed(
         ),
     }
     for method in METHODS:
-        runs[method], weights = train_bilevel(method, data, args(method, bilevel_method=method))
+        runs[method], weights = train_bilevel(noisy, data, args(method, bilevel_method=method))
         runs[f"{method}_second_stage"] = train_plain(keep_examples(noisy, weights), data, args(f"{method}-2"))
     plain, oracle = runs["plain"]["test_accuracy"], runs["oracle"]["test_accuracy"]
     for run in runs.values():
-        run["gap_closed"] = (run["test_accuracy"] - plain) / (oracle - plain) if oracle != plain else None
+        run["gap_closed"] = digits.gap_closed(run["test_accuracy"], plain, oracle)
     return runs
 
 

@@ -205,6 +205,12 @@ def detection_metrics(weights, is_corrupted, threshold: float = 0.5) -> dict[str
     }
 
 
+def gap_closed(accuracy: float, plain: float, oracle: float) -> float | None:
+    """(acc − acc_plain) / (acc_oracle − acc_plain): the share of the accuracy lost to label noise (plain training
+    on the noisy labels vs training on the clean examples only) that a run wins back; None when the two agree."""
+    return (accuracy - plain) / (oracle - plain) if oracle != plain else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ from bros_hf.selection import keep_examples
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules, also when loaded by path
 from _common import close_process_group, explained_hub_errors, parse_with_defaults, setup_logging  # noqa: E402
-from digits import corrupt_labels, detection_metrics, load_noisy_digits  # noqa: E402
+from digits import corrupt_labels, detection_metrics, gap_closed, load_noisy_digits  # noqa: E402
 
 logger = logging.getLogger("vit_sample_reweighting")
 
@@ -607,7 +607,7 @@ def add_gap_closure(runs: dict[str, Any]) -> None:
     plain, oracle = runs["plain_noisy"]["test_accuracy"], runs["oracle_clean"]["test_accuracy"]
     for name, run in runs.items():
         if name not in ("plain_noisy", "oracle_clean"):
-            run["gap_closure"] = (run["test_accuracy"] - plain) / (oracle - plain) if oracle != plain else None
+            run["gap_closure"] = gap_closed(run["test_accuracy"], plain, oracle)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

@@ -438,19 +438,10 @@ def test_noisy_digits_loader_and_detection_metrics():
 
 def test_hyper_cleaning_recipe_smoke(tmp_path):
     pytest.importorskip("sklearn")
-    import importlib.util
+    import importlib
     import json
-    import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "recipes" / "hyper_cleaning.py"
-    spec = importlib.util.spec_from_file_location("hyper_cleaning_recipe", path)
-    recipe = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = recipe  # dataclasses resolve string annotations through sys.modules
-    try:
-        spec.loader.exec_module(recipe)
-    finally:
-        sys.modules.pop(spec.name, None)
+    recipe = importlib.import_module("hyper_cleaning")  # recipes/ is on sys.path (tests/conftest.py)
     recipe.main(
         ["--output_dir", str(tmp_path), "--steps", "30", "--rank", "8", "--hessian_mode", "finite_difference"]
     )

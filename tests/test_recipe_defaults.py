@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -22,17 +22,9 @@ PACKAGE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BROSConfig) if
 TRAINER_RECIPES = ("lm_data_mixture", "vit_sample_reweighting")
 
 
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_for_defaults", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name", TRAINER_RECIPES)
 def test_recipe_departs_from_package_defaults_only_with_a_reason_in_help(name):
-    recipe = load_recipe(name)
+    recipe = importlib.import_module(name)  # recipes/ is on sys.path (tests/conftest.py)
     departures = {
         knob
         for knob, value in recipe.RECIPE_DEFAULTS.items()

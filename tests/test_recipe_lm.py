@@ -7,7 +7,7 @@ seconds on a 2-core CPU. The default-size run (minutes) is marked ``slow``.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -28,15 +28,7 @@ DOMAINS = ["code", "docs", "legal", "prose"]
 TINY = ["--max_steps", "3", *LM_TINY]  # the tiny configuration, shared with benchmarks/gpu_check.py
 
 
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("lm_data_mixture", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-recipe = _load_recipe()
+recipe = importlib.import_module("lm_data_mixture")  # recipes/ is on sys.path (tests/conftest.py)
 
 
 def _env() -> dict[str, str]:

@@ -8,7 +8,7 @@ run is marked slow.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -47,14 +47,6 @@ def run_recipe(args: list[str], timeout: int = 300) -> subprocess.CompletedProce
     )
     assert result.returncode == 0, f"recipe failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
-
-
-def load_recipe_module():
-    spec = importlib.util.spec_from_file_location("vit_sample_reweighting", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def check_report(out: Path, *, baselines: bool, method: str = "bros", second_stage: bool = True) -> dict:
@@ -179,7 +171,7 @@ def test_hub_code_path_on_local_imagefolder_and_saved_model(tmp_path):
 
 
 def test_recipe_defaults_fill_only_what_the_user_did_not_give():
-    recipe = load_recipe_module()
+    recipe = importlib.import_module("vit_sample_reweighting")  # recipes/ is on sys.path (tests/conftest.py)
     _, data_args, args = recipe.parse_arguments(["--output_dir", "x", "--upper_learning_rate", "7"])
     assert args.upper_learning_rate == 7.0
     assert args.upper_level == "sample" and args.max_steps == recipe.RECIPE_DEFAULTS["max_steps"]

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.sample_weights import accuracy, as_dataset
 from bros_hf import BROSTrainer
 from bros_hf.export import sample_weights_payload, write_json_atomic
 from bros_hf.selection import keep_examples, kept_indices, load_sample_weights
-from tests.test_trainer_sample_mode import as_dataset, sample_mode_args
+from tests.test_trainer_sample_mode import sample_mode_args
 from tests.toy import TinyClassifier
 
 pytest.importorskip("sklearn")
@@ -59,12 +60,6 @@ def test_load_refuses_incomplete_files_and_runs_that_never_moved(tmp_path):
         load_sample_weights(str(tmp_path / "other.json"))
 
 
-def _accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    with torch.no_grad():
-        logits = model(torch.from_numpy(x))["logits"]
-    return float((logits.argmax(-1) == torch.from_numpy(y)).float().mean())
-
-
 def _train_plain(x: np.ndarray, y: np.ndarray, seed: int, steps: int = 600) -> torch.nn.Module:
     """Full-batch-ish AdamW on a fresh TinyClassifier: the second stage's plain training."""
     torch.manual_seed(seed)
@@ -103,8 +98,8 @@ def test_second_stage_on_kept_examples_beats_training_on_all(tmp_path, one_threa
     assert kept_corrupted < 0.1, kept_corrupted  # 35 % before selection
     assert len(kept) > 0.5 * float((~data.is_corrupted).sum())
 
-    on_all = _accuracy(_train_plain(data.x_train, data.y_train, seed=0), data.x_test, data.y_test)
-    on_kept = _accuracy(
+    on_all = accuracy(_train_plain(data.x_train, data.y_train, seed=0), data.x_test, data.y_test)
+    on_kept = accuracy(
         _train_plain(data.x_train[kept], data.y_train[kept], seed=0), data.x_test, data.y_test
     )
     assert on_kept > on_all + 0.05, (on_kept, on_all)

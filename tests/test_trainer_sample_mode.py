@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import json
 
-import datasets
 import digits  # recipes/digits.py (tests/conftest.py puts recipes/ on sys.path)
-import numpy as np
 import pytest
 import torch
 
+from benchmarks.sample_weights import as_dataset
 from bros_hf import BROSConfig, BROSTrainer
 from tests.test_trainer import make_args
 from tests.toy import TinyClassifier
 
 pytest.importorskip("sklearn")
-
-
-def as_dataset(x: np.ndarray, y: np.ndarray) -> datasets.Dataset:
-    return datasets.Dataset.from_dict({"features": x, "labels": y}).with_format("torch")
 
 
 def sample_mode_args(tmp_path, **overrides) -> BROSConfig:

@@ -5,22 +5,16 @@ from __future__ import annotations
 import datasets
 import numpy as np
 import torch
-from torch import nn
+
+from benchmarks.mixture_tasks import MLPClassifier
 
 
-class TinyClassifier(nn.Module):
-    """MLP classifier with an HF-style forward: (features, labels=None) -> {"logits", "loss"}."""
+class TinyClassifier(MLPClassifier):
+    """The benchmarks' MLP classifier (HF-style forward: (features, labels=None) -> {"logits", "loss"}) with the
+    trainer tests' default sizes."""
 
     def __init__(self, in_dim: int = 16, hidden: int = 32, num_classes: int = 4):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, num_classes))
-
-    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        logits = self.net(features)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = nn.functional.cross_entropy(logits, labels)
-        return out
+        super().__init__(in_dim, hidden, num_classes)
 
 
 def three_domain_toy(
