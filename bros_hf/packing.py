@@ -64,7 +64,10 @@ def group_texts_by_domain(
         raise ValueError(f"block_size must be ≥ 1, got {block_size}.")
     names = dataset.column_names
     if names is None:  # a stream without declared features: its first row names the columns to remove
-        names = list(next(iter(dataset)).keys())
+        first = next(iter(dataset), None)
+        if first is None:
+            raise ValueError("Cannot pack an empty stream: the dataset yielded no rows.")
+        names = list(first.keys())
     missing = [name for name in ("input_ids", domain_column) if name not in names]
     if missing:
         raise ValueError(

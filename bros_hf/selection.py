@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 if TYPE_CHECKING:
     import datasets
@@ -32,6 +33,8 @@ def load_sample_weights(path: str) -> np.ndarray:
         raise ValueError(
             f"{path} has no 'weights' entry: is it a sample_weights.json written by BROSTrainer?"
         )
+    if "domains" in payload:
+        raise ValueError(f"{path} is a domain mixture (mixture_weights.json), not per-example weights.")
     by_index = {int(k): float(v) for k, v in payload["weights"].items()}
     n = len(by_index)
     if sorted(by_index) != list(range(n)):
@@ -55,9 +58,12 @@ def kept_indices(weights: Sequence[float] | np.ndarray, threshold: float = DEFAU
 
 
 def keep_examples(
-    dataset: datasets.Dataset, weights: Sequence[float] | np.ndarray, threshold: float = DEFAULT_THRESHOLD
-) -> datasets.Dataset:
-    """The rows of ``dataset`` (the training set the weights were learned on, same order) with w_i ≥ threshold.
+    dataset: datasets.Dataset | torch.utils.data.Dataset,
+    weights: Sequence[float] | np.ndarray,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> datasets.Dataset | torch.utils.data.Subset:
+    """The rows of ``dataset`` (the training set the weights were learned on, same order) with w_i ≥ threshold:
+    ``dataset.select(...)`` for a ``datasets.Dataset``, a ``torch.utils.data.Subset`` for a torch map-style dataset.
 
     Refuses weights whose length differs from the dataset's (they belong to another dataset or order) and a
     selection that keeps nothing.
@@ -70,4 +76,6 @@ def keep_examples(
     keep = kept_indices(weights, threshold)
     if not keep:
         raise ValueError(f"No example has weight ≥ {threshold}; lower the threshold.")
-    return dataset.select(keep)
+    if hasattr(dataset, "select"):
+        return dataset.select(keep)
+    return torch.utils.data.Subset(dataset, keep)

@@ -65,6 +65,9 @@ def test_bad_inputs_name_the_problem():
         group_texts_by_domain(datasets.Dataset.from_dict({"text": ["a"], "domain": ["x"]}), block_size=4)
     with pytest.raises(ValueError, match="block_size must be"):
         group_texts_by_domain(tokenized(ROWS), block_size=0)
+    empty = datasets.IterableDataset.from_generator(lambda: iter(()))
+    with pytest.raises(ValueError, match="empty stream"):
+        group_texts_by_domain(empty, block_size=4)
     listed = datasets.Dataset.from_dict({"input_ids": [[1, 2]], "domain": [["x", "x"]]})
     with pytest.raises(ValueError, match="holds a list"):
         group_texts_by_domain(listed, block_size=1)

@@ -43,6 +43,9 @@ def test_keep_examples_refuses_weights_of_another_dataset_and_empty_selections()
     with pytest.raises(ValueError, match="No example has weight"):
         keep_examples(ds, [0.1, 0.2, 0.3])
     assert keep_examples(ds, [0.9, 0.1, 0.6])["x"] == [1, 3]
+    rows = [{"x": 1}, {"x": 2}, {"x": 3}]  # a torch map-style dataset (no .select): a Subset
+    kept = keep_examples(rows, [0.9, 0.1, 0.6])
+    assert isinstance(kept, torch.utils.data.Subset) and [kept[i]["x"] for i in range(len(kept))] == [1, 3]
 
 
 def test_load_refuses_incomplete_files_and_runs_that_never_moved(tmp_path):
@@ -58,6 +61,9 @@ def test_load_refuses_incomplete_files_and_runs_that_never_moved(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"domains": ["a"]}))
     with pytest.raises(ValueError, match="no 'weights' entry"):
         load_sample_weights(str(tmp_path / "other.json"))
+    (tmp_path / "mixture.json").write_text(json.dumps({"domains": ["a"], "weights": {"a": 1.0}}))
+    with pytest.raises(ValueError, match="is a domain mixture"):
+        load_sample_weights(str(tmp_path / "mixture.json"))
 
 
 def _train_plain(x: np.ndarray, y: np.ndarray, seed: int, steps: int = 600) -> torch.nn.Module:
