@@ -174,6 +174,16 @@ class BROSConfig(TrainingArguments):
             "equally often (the learned weights are then directly a sampling mixture)."
         },
     )
+    loss_normalization: str = field(
+        default="sequence",
+        metadata={
+            "help": "How a batch's token losses become g and f. 'sequence' (default): ℓ_i is example i's mean token "
+            "loss and a batch's loss the mean over examples, so a domain's (or example's) weight means the same "
+            "whatever its lengths. 'token': the Trainer's num_items_in_batch normalisation, every target token "
+            "counts once over the optimizer step (example i then weighs n_i / mean n, n_i its target tokens).",
+            "choices": ["sequence", "token"],
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.fp16:
@@ -199,6 +209,8 @@ class BROSConfig(TrainingArguments):
             )
         if self.upper_update not in ("normalized", "masoba"):
             raise ValueError(f"upper_update must be 'normalized' or 'masoba', got {self.upper_update!r}.")
+        if self.loss_normalization not in ("sequence", "token"):
+            raise ValueError(f"loss_normalization must be 'sequence' or 'token', got {self.loss_normalization!r}.")
         self._check_step_sizes()
         modules = list(self.lower_full_space_modules or [])
         if "none" in modules and len(modules) > 1:

@@ -70,12 +70,12 @@ def _domain_value_fix(value: Any, column: str) -> str:
     return f"Map it to names first, e.g. dataset.map(lambda ex: {{{column!r}: str(ex[{column!r}])}})."
 
 
-def check_domain_values(values: Sequence[Any], column: str) -> None:
-    """Domain values must be strings or integers (one hashable scalar per example)."""
+def check_domain_values(values: Sequence[Any], column: str, where: str = "training") -> None:
+    """Domain values must be strings or integers (one hashable scalar per example); ``where`` names the set."""
     for index, value in enumerate(values):
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise TypeError(
-                f"Column {column!r} must hold one domain name (str) or id (int) per example; training example "
+                f"Column {column!r} must hold one domain name (str) or id (int) per example; {where} example "
                 f"{index} has {type(value).__name__} {value!r}. {_domain_value_fix(value, column)}"
             )
 
@@ -171,8 +171,20 @@ class KeyedCollator:
         if self.check is not None:
             self.check(batch)
         if all(k is not None for k in keys):
-            batch[KEY_COLUMN] = torch.tensor([int(k) for k in keys], dtype=torch.long)
+            batch[KEY_COLUMN] = torch.tensor(flatten_keys(keys), dtype=torch.long)
         return batch
+
+
+def flatten_keys(keys: Sequence[Any]) -> list[int]:
+    """One key per example, in batch order: a packed row (several examples in one row) carries a list of keys,
+    one per packed segment in row order; an ordinary row carries one."""
+    flat: list[int] = []
+    for key in keys:
+        if isinstance(key, (list, tuple)) or getattr(key, "ndim", 0) > 0:
+            flat.extend(int(k) for k in key)
+        else:
+            flat.append(int(key))
+    return flat
 
 
 class BalancedDomainSampler(Sampler[int]):

@@ -44,6 +44,7 @@ from bros_hf.data import (
     KeyedCollator,
     UpperStream,
     attach_keys,
+    check_domain_values,
 )
 from bros_hf.export import (
     MIXTURE_FILE,
@@ -55,11 +56,15 @@ from bros_hf.export import (
     sample_weights_payload,
     write_json_atomic,
 )
-from bros_hf.losses import per_example_losses
+from bros_hf.losses import packed_segments, packed_sequence_losses, per_example_losses, target_counts
 from bros_hf.modules import full_space_parameter_names, model_perturber
 from bros_hf.validation import DomainPresenceMonitor, LabelSpace, check_subspace_coverage
 
 STATE_FILE = "bros_state_rank{rank}.pt"
+
+
+def _logits(outputs: Any) -> Tensor:
+    return outputs if isinstance(outputs, Tensor) else outputs["logits"]
 
 
 class BROSTrainer(AtomicCheckpointMixin, Trainer):
@@ -111,6 +116,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             **kwargs,
         )
         self._check_backend()
+        self._warn_about_replaced_trainer_settings()
         self.upper: UpperVariable | None = None
         self.upper_stream: UpperStream | None = None
         self._domain_monitor: DomainPresenceMonitor | None = None
@@ -122,8 +128,11 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         self._domain_counts: Tensor | None = None
         self._skip_lower = False
         self._num_training_steps: int | None = None  # set by create_optimizer_and_scheduler
+        self._tokens_per_micro_batch: float | None = None  # loss_normalization="token": N / (processes · micro-batches)
+        self._packed_attention_checked = False
         self.mixture_history: list[list[float]] = []
-        self._metrics: dict[str, list[float]] = defaultdict(list)
+        # As TRL's trainers keep them: the bilevel metrics come from training steps only.
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.add_callback(WeightsExportCallback(self._export_at_end))
 
     # ------------------------------------------------------------------ setup and validation
@@ -164,6 +173,38 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
                 "backward, which breaks the second-order passes). Use DDP: accelerate launch --multi_gpu."
             )
 
+    def _warn_about_replaced_trainer_settings(self) -> None:
+        """Trainer settings the bilevel step cannot honour as the Trainer would: said once, at construction."""
+        args = self.args
+        if args.torch_compile:
+            warnings.warn(
+                "torch_compile=True compiles the model for evaluation and prediction only: the bilevel passes call "
+                "the uncompiled model (torch.compile does not support the double backward of the Hessian action, "
+                "and the passes run the model functionally), so training steps run eager.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if args.upper_level != "domain" or not args.balanced_domain_batches or self.domains is None:
+            return
+        strategy = getattr(args, "train_sampling_strategy", "random")
+        if strategy != "random":
+            warnings.warn(
+                f"train_sampling_strategy={strategy!r} is replaced by the balanced domain sampler (round-robin over "
+                "domains, balanced_domain_batches=True). Set balanced_domain_batches=False to keep the Trainer's "
+                "sampler (domains then appear in batches as often as in the data).",
+                UserWarning,
+                stacklevel=3,
+            )
+        if args.per_device_train_batch_size % len(self.domains):
+            warnings.warn(
+                f"per_device_train_batch_size={args.per_device_train_batch_size} is not a multiple of the "
+                f"{len(self.domains)} domains: balanced batches then hold some domains once more than others, so a "
+                "domain's share of each batch's loss wobbles from step to step. Use a multiple of "
+                f"{len(self.domains)}.",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def _check_label_space(self, train_dataset: Any, upper_dataset: Any) -> LabelSpace:
         """Refuse labels / token ids outside the model's label space now, for whole ``datasets``
         columns; the returned space also checks every collated batch. A custom per_example_loss
@@ -193,7 +234,9 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             return SampleWeights(len(self._train_keys)).to(args.device)
         column = args.domain_column
         if hasattr(upper_dataset, "column_names") and column in upper_dataset.column_names:
-            unseen = sorted({str(v) for v in upper_dataset.with_format(None)[column]} - set(self.domains))
+            values = upper_dataset.with_format(None)[column]
+            check_domain_values(values, column, where="upper (target) set")
+            unseen = sorted({str(v) for v in values} - set(self.domains))
             if unseen:
                 raise ValueError(
                     f"The upper (target) set has domains {unseen} that the training set never contains "
@@ -355,9 +398,54 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
     # ------------------------------------------------------------------ losses
     def per_example_loss(self, outputs: Any, labels: Tensor) -> Tensor:
         """ℓ_i for every example of the batch: causal LM (labels shifted by one), encoder-decoder
-        (``config.is_encoder_decoder``: labels aligned with the decoder's logits) or classification.
+        (``config.is_encoder_decoder``: labels aligned with the decoder's logits) or classification, with the
+        Trainer's ``label_smoothing_factor``; with a ``compute_loss_func``, that function on each example alone.
         Override for other heads."""
-        return per_example_losses(outputs, labels, shift_labels=not self._is_encoder_decoder())
+        if self.compute_loss_func is not None:
+            return self._per_example_compute_loss_func(outputs, labels)
+        return per_example_losses(
+            outputs,
+            labels,
+            shift_labels=not self._is_encoder_decoder(),
+            label_smoothing=self.args.label_smoothing_factor,
+        )
+
+    def _per_example_compute_loss_func(self, outputs: Any, labels: Tensor) -> Tensor:
+        """ℓ_i = compute_loss_func(outputs of example i, labels of example i): the Trainer's hook returns one
+        number per batch, so it is called on every example alone (B calls on slices of the outputs)."""
+        size = labels.shape[0]
+
+        def example(i: int) -> Any:
+            sliced = {
+                k: v[i : i + 1] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size else v
+                for k, v in outputs.items()
+            }
+            return type(outputs)(**sliced)
+
+        losses = [self.compute_loss_func(example(i), labels[i : i + 1], num_items_in_batch=None) for i in range(size)]
+        if any(loss.numel() != 1 for loss in losses):
+            raise ValueError(
+                "compute_loss_func must return one number for a batch; it returned a tensor of shape "
+                f"{tuple(losses[0].shape)}. Reduce it to a scalar, or override BROSTrainer.per_example_loss."
+            )
+        return torch.stack([loss.reshape(()) for loss in losses])
+
+    def _packed_loss(self, outputs: Any, labels: Tensor, segments: Tensor, num_segments: int) -> Tensor:
+        """Per-segment losses of packed rows; only the built-in loss knows where a segment's tokens are."""
+        if type(self).per_example_loss is not BROSTrainer.per_example_loss or self.compute_loss_func is not None:
+            raise ValueError(
+                "This batch packs several examples into one row (position_ids restart inside rows), and the "
+                "per-example loss is custom (an overridden per_example_loss or a compute_loss_func), which cannot "
+                "tell the packed examples apart. Pad instead of packing, or use the built-in loss."
+            )
+        return packed_sequence_losses(
+            outputs,
+            labels,
+            segments,
+            num_segments,
+            shift_labels=not self._is_encoder_decoder(),
+            label_smoothing=self.args.label_smoothing_factor,
+        )
 
     def _is_encoder_decoder(self) -> bool:
         return bool(getattr(getattr(self._bilevel_model(), "config", None), "is_encoder_decoder", False))
@@ -368,7 +456,41 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             return sdpa_kernel(SDPBackend.MATH)
         return contextlib.nullcontext()
 
-    def _losses(self, params: Mapping[str, Tensor], inputs: Mapping[str, Any]) -> Tensor:
+    def _packing(self, inputs: Mapping[str, Any]) -> tuple[Tensor, int] | None:
+        """(segment of every token, number of examples) when rows hold several examples (padding-free /
+        packed batches: ``position_ids`` restart inside a row), else None. With keys (training batches) every
+        key must have its segment; segments past the last key must be padding (no target tokens)."""
+        labels, keys = inputs["labels"], inputs.get(KEY_COLUMN)
+        if "position_ids" not in inputs or labels.dim() != 2:
+            if keys is not None and keys.numel() > labels.shape[0] and labels.dim() == 2:
+                raise ValueError(
+                    f"The batch has {keys.numel()} example keys in {labels.shape[0]} rows (packed examples) but no "
+                    "position_ids to tell where each example starts. Collate with "
+                    "DataCollatorWithFlattening(return_position_ids=True) or give position_ids that restart at 0 "
+                    "for every example."
+                )
+            return None
+        positions = inputs["position_ids"]
+        segments, count = packed_segments(positions, inputs.get("attention_mask"))
+        if count == labels.shape[0] and bool((positions[:, 0] == 0).all()):
+            return None  # one example per row
+        if keys is None:
+            return segments, count
+        examples = keys.numel()
+        shift = not self._is_encoder_decoder()
+        counts = target_counts(labels, shift_labels=shift, segments=segments, num_segments=count)
+        if count < examples or bool((counts[examples:] > 0).any()):
+            raise ValueError(
+                f"The batch's position_ids start {count} sequences but it has {examples} example keys: each packed "
+                "example needs its key, in row order. With datasets, pack with bros_hf helpers that carry the key "
+                "per segment, or collate unpacked examples with DataCollatorWithFlattening."
+            )
+        return segments.masked_fill(segments >= examples, -1), examples
+
+    def _losses(self, params: Mapping[str, Tensor], inputs: Mapping[str, Any], tokens_per_batch: float | None = None) -> Tensor:
+        """ℓ_i(θ) for every example of ``inputs`` under ``params``: one per key (training batches; packed
+        segments included), or one per example with target tokens (upper batches). With
+        ``loss_normalization="token"``, ℓ_i · n_i · B / N, N = ``tokens_per_batch`` (default: this batch's n)."""
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", KEY_COLUMN)}
         if "labels" not in inputs:
             raise ValueError(
@@ -382,23 +504,80 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             # Encoder-decoders build the decoder's inputs from the labels they are given; the labels stay out
             # of the forward (no mean loss computed and thrown away), so build them here as the model would.
             model_inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+        if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+            # No key/value cache in training passes: it costs memory, and with a cache transformers' masks stop
+            # reading packed examples' boundaries from position_ids (attention would leak between them).
+            model_inputs.setdefault("use_cache", False)
+        packing = self._packing(inputs)
+        if packing is not None and not self._packed_attention_checked:
+            self._check_packed_attention(params, model_inputs, packing[0])
         with self.compute_loss_context_manager():
             outputs = functional_call(model, dict(params), args=(), kwargs=model_inputs, strict=False)
-        return self.per_example_loss(outputs, inputs["labels"])
+        labels = inputs["labels"]
+        if packing is None:
+            losses = self.per_example_loss(outputs, labels)
+            counts = None
+        else:
+            losses = self._packed_loss(outputs, labels, *packing)
+            counts = target_counts(labels, shift_labels=not self._is_encoder_decoder(), segments=packing[0], num_segments=packing[1])
+            if KEY_COLUMN not in inputs:  # upper batches: padding segments are not examples
+                losses = losses[counts > 0]
+                counts = counts[counts > 0]
+        if self.args.loss_normalization == "token":
+            if counts is None:
+                counts = target_counts(labels, shift_labels=not self._is_encoder_decoder())
+            total = float(counts.sum()) if tokens_per_batch is None else tokens_per_batch
+            losses = losses * counts.to(losses.device) * (counts.numel() / max(total, 1.0))
+        return losses
+
+    @torch.no_grad()
+    def _check_packed_attention(self, params: Mapping[str, Tensor], model_inputs: dict[str, Any], segments: Tensor) -> None:
+        """Once per run: the second packed example's logits must equal those of the same example run alone,
+        or attention leaks across packed examples (an attention implementation that ignores position_ids)."""
+        self._packed_attention_checked = True
+        rows, positions = torch.nonzero(segments == 1, as_tuple=True)
+        if rows.numel() == 0 or "input_ids" not in model_inputs:
+            return
+        row, span = int(rows[0]), positions[rows == rows[0]]
+        model = self._bilevel_model()
+        with self.compute_loss_context_manager():
+            packed = functional_call(model, dict(params), args=(), kwargs=model_inputs, strict=False)
+            alone_inputs = {"input_ids": model_inputs["input_ids"][row : row + 1, span]}
+            alone_inputs["position_ids"] = model_inputs["position_ids"][row : row + 1, span]
+            if "use_cache" in model_inputs:
+                alone_inputs["use_cache"] = model_inputs["use_cache"]
+            alone = functional_call(model, dict(params), args=(), kwargs=alone_inputs, strict=False)
+        packed_logits = _logits(packed)[row, span].float()
+        alone_logits = _logits(alone)[0].float()
+        error = float((packed_logits - alone_logits).abs().max()) / max(float(alone_logits.abs().max()), 1e-6)
+        half = _logits(packed).dtype in (torch.bfloat16, torch.float16) or self.accelerator.mixed_precision == "bf16"
+        tolerance = 3e-2 if half else 1e-3
+        if error > tolerance:
+            attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+            raise ValueError(
+                f"{type(model).__name__} (attn_implementation={attention!r}) does not keep packed examples apart: "
+                f"the second example of a packed row gives logits {error:.1%} off those it gives alone, so its loss "
+                "would depend on the example packed before it. Use an attention implementation that reads "
+                "position_ids for packed rows (transformers' sdpa/eager on recent models, flash_attention_2 on GPUs) "
+                "or pad the examples instead of packing them."
+            )
 
     # ------------------------------------------------------------------ the bilevel step
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> Tensor:
         """One micro-batch: the engine's terms on it and an upper batch, accumulated; the updates at
-        the accumulation boundary (:meth:`_finish_step`)."""
+        the accumulation boundary (:meth:`_finish_step`). ``num_items_in_batch`` (the optimizer step's target
+        tokens over all processes, :meth:`_get_num_items_in_batch`) normalises g when
+        ``loss_normalization="token"``; per-sequence normalisation (the default) does not use it."""
         model.train()
         inputs = self._prepare_inputs(inputs)
         if self._accumulated is None and self.engine.begin_step():
             self._reset_subspace_optimizer_state()
         keys = inputs[KEY_COLUMN]
         upper_batch = self._prepare_inputs(self.upper_stream.next_batch())
-        lower_loss = make_lower_loss(lambda params: self._losses(params, inputs), self.upper, keys)
+        tokens = self._tokens_per_micro_batch if self.args.loss_normalization == "token" else None
+        lower_loss = make_lower_loss(lambda params: self._losses(params, inputs, tokens), self.upper, keys)
         with self._second_order_context():
             terms = self.engine.compute_terms(lower_loss, lambda params: self._losses(params, upper_batch).mean())
         scale = 1.0 / self.current_gradient_accumulation_steps
@@ -410,6 +589,25 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         if self.accelerator.sync_gradients:
             self._finish_step()
         return terms.lower_loss.detach().to(self.args.device) * scale
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
+        """The Trainer's count, and with ``loss_normalization="token"``: N, the target tokens of this optimizer
+        step's micro-batches summed over processes (as the built-in loss counts them, packed segments included),
+        kept as N / (processes · micro-batches) for :meth:`_losses`."""
+        counted = super()._get_num_items_in_batch(batch_samples, device)
+        if self.args.loss_normalization != "token" or not batch_samples:
+            return counted
+        shift = not self._is_encoder_decoder()
+        total = torch.zeros((), device=device)
+        for batch in batch_samples:
+            packing = self._packing(batch)
+            segments, count = packing if packing is not None else (None, 0)
+            total += target_counts(batch["labels"], shift_labels=shift, segments=segments, num_segments=count).sum().to(device)
+        processes = self.accelerator.num_processes
+        if processes > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        self._tokens_per_micro_batch = float(total) / (processes * len(batch_samples))
+        return counted
 
     def _all_reduce_mean(self, groups: dict[str, dict[str, Tensor]]) -> None:
         """Average every accumulated tensor over processes with one flat all-reduce (in place)."""
@@ -458,7 +656,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             coordinate.grad = None if grad is None else grad[name].to(coordinate.dtype)
 
     def _record_metrics(self, stats: StepStatistics) -> None:
-        m = self._metrics
+        m = self._metrics["train"]
         m["bilevel/upper_loss"].append(stats.upper_loss)
         m["bilevel/lower_loss"].append(stats.lower_loss)
         m["bilevel/hypergrad_norm"].append(stats.hypergradient_norm)
@@ -473,12 +671,14 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             m["sample_weights/min"].append(float(weights.min()))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the bilevel metrics (already averaged over processes) averaged since the last log."""
-        if self._metrics:
-            for key, values in self._metrics.items():
+        """Add the bilevel metrics (already averaged over processes), averaged since the last training log, to
+        training logs only: evaluation logs (``eval_*`` keys) keep just the evaluation's metrics."""
+        is_evaluation = any(key.startswith("eval_") for key in logs)
+        if not is_evaluation:
+            for key, values in self._metrics["train"].items():
                 finite = [v for v in values if math.isfinite(v)]
                 logs[key] = sum(finite) / len(finite) if finite else float("nan")
-            self._metrics.clear()
+            self._metrics["train"].clear()
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ results
