@@ -81,19 +81,34 @@ def check_domain_values(values: Sequence[Any], column: str, where: str = "traini
 
 
 def attach_keys(
-    dataset: Any, upper_level: str, domain_column: str, domains: Sequence[str] | None = None
+    dataset: Any,
+    upper_level: str,
+    domain_column: str,
+    domains: Sequence[str] | None = None,
+    *,
+    balanced: bool = True,
 ) -> tuple[Any, list[str] | None]:
     """Return (dataset with a ``bros_key`` column, domain names or None).
 
-    Domain mode: key = index of the example's domain in the sorted domain list.
-    Sample mode: key = the example's index in ``dataset``.
+    Domain mode: key = index of the example's domain in the sorted domain list (a streamed
+    ``datasets.IterableDataset``: in the declared list, see :mod:`bros_hf.streaming`; with ``balanced``
+    the stream is re-ordered round-robin over domains). Sample mode: key = the example's index in ``dataset``.
     """
+    if upper_level == "domain" and isinstance(dataset, datasets.IterableDataset):
+        from bros_hf.streaming import attach_stream_keys  # streaming imports this module
+
+        return attach_stream_keys(dataset, domain_column, domains, balanced=balanced)
     if isinstance(dataset, (IterableDataset, datasets.IterableDataset)):
         raise ValueError(
             f"upper_level={upper_level!r} needs a map-style (indexable) training set to key its examples; got an "
-            f"iterable dataset ({type(dataset).__name__}). Materialise it first: "
-            "datasets.Dataset.from_generator(lambda: (yield from ds), features=ds.features) for a datasets "
-            "IterableDataset, or a list of its examples for a torch one."
+            f"iterable dataset ({type(dataset).__name__}). "
+            + (
+                "Sample mode learns one weight per example index, so materialise it first: "
+                "datasets.Dataset.from_generator(lambda: (yield from ds), features=ds.features)."
+                if upper_level == "sample"
+                else "Domain mode streams a datasets.IterableDataset; wrap a torch one: "
+                "datasets.IterableDataset.from_generator(lambda: iter(ds))."
+            )
         )
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise ValueError(

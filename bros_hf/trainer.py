@@ -26,6 +26,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
+import datasets
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -104,7 +105,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
                 "arguments instead: optimizer_cls_and_kwargs=(torch.optim.AdamW, {...}), or set optim."
             )
         keyed_train, names = (None, None) if evaluation_only else attach_keys(
-            train_dataset, args.upper_level, args.domain_column, args.domains
+            train_dataset, args.upper_level, args.domain_column, args.domains, balanced=args.balanced_domain_batches
         )
         self.domains = names
         super().__init__(
@@ -223,7 +224,10 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         return DomainPresenceMonitor(self.domains, per_step, balanced=args.balanced_domain_batches)
 
     @staticmethod
-    def _read_keys(dataset: Any) -> list[int]:
+    def _read_keys(dataset: Any) -> list[int] | None:
+        """Every example's key (map-style sets); None for a stream, whose keys come as it is read."""
+        if isinstance(dataset, datasets.IterableDataset):
+            return None
         if hasattr(dataset, "column_names"):
             return list(dataset.with_format(None)[KEY_COLUMN])
         return list(dataset.keys)

@@ -97,7 +97,7 @@ def test_sample_mode_needs_indexable_train_set(tmp_path, toy):
     train_ds, target_ds = toy
     iterable = train_ds.to_iterable_dataset()
     with pytest.raises(
-        ValueError, match=r"map-style .*iterable dataset .*Materialise it first: datasets.Dataset"
+        ValueError, match=r"map-style .*iterable dataset .*materialise it first: datasets.Dataset"
     ):
         build(make_args(tmp_path, upper_level="sample"), iterable, target_ds)
 
