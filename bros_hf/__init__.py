@@ -1,8 +1,9 @@
 """bros-hf: memory-efficient stochastic bilevel optimization (BROS, MA-SOBA) for Hugging Face.
 
 ``bros_hf.core`` is the method on plain tensors and needs torch only; ``BROSConfig`` and
-``BROSTrainer`` adapt it to the ``transformers`` Trainer and are imported on first use, so that
-``import bros_hf.core`` does not load transformers.
+``BROSTrainer`` adapt it to the ``transformers`` Trainer, and ``group_texts_by_domain`` packs tokenized
+text into blocks that keep one domain each; they are imported on first use, so that
+``import bros_hf.core`` does not load transformers or datasets.
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ from bros_hf.core.upper import DomainMixture, SampleWeights, UpperVariable
 
 if TYPE_CHECKING:
     from bros_hf.config import BROSConfig
+    from bros_hf.packing import group_texts_by_domain
     from bros_hf.trainer import BROSTrainer
 
 __version__ = "0.1.0"
 
-_HUGGING_FACE_ADAPTER = {"BROSConfig": "bros_hf.config", "BROSTrainer": "bros_hf.trainer"}
+_HUGGING_FACE_ADAPTER = {
+    "BROSConfig": "bros_hf.config",
+    "BROSTrainer": "bros_hf.trainer",
+    "group_texts_by_domain": "bros_hf.packing",
+}
 
 __all__ = [
     "BROSConfig",
@@ -35,6 +41,7 @@ __all__ = [
     "UpperVariable",
     "coordinate_gradient",
     "cross_term",
+    "group_texts_by_domain",
     "hessian_action",
     "lower_pass",
     "make_lower_loss",

@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 import datasets
 
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
-DatasetT = TypeVar("DatasetT", datasets.Dataset, datasets.IterableDataset)
+DatasetT = TypeVar(
+    "DatasetT", datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict, datasets.IterableDatasetDict
+)
 
 
 def pack_batch(batch: dict[str, list], block_size: int, domain_column: str) -> dict[str, list]:
@@ -58,8 +60,17 @@ def group_texts_by_domain(
     ``domain_column``) → blocks of exactly ``block_size`` tokens with ``labels`` and one domain each.
 
     Every other column is removed. ``batch_size`` texts are packed together (per domain), as in run_clm;
-    ``map_kwargs`` go to ``dataset.map`` (e.g. ``num_proc``, ``desc`` for a ``datasets.Dataset``).
+    ``map_kwargs`` go to ``dataset.map`` (e.g. ``num_proc``, ``desc`` for a ``datasets.Dataset``). A
+    ``DatasetDict`` (or ``IterableDatasetDict``) is packed split by split, as run_clm maps ``raw_datasets``.
     """
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        packed = {
+            split: group_texts_by_domain(
+                part, block_size, domain_column=domain_column, batch_size=batch_size, **map_kwargs
+            )
+            for split, part in dataset.items()
+        }
+        return type(dataset)(packed)
     if block_size < 1:
         raise ValueError(f"block_size must be ≥ 1, got {block_size}.")
     names = dataset.column_names
