@@ -5,8 +5,15 @@ import argparse
 from itertools import chain
 
 from datasets import load_dataset
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments,
-                          default_data_collator, set_seed)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
 
 
 def main() -> None:
