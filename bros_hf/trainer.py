@@ -98,11 +98,18 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             raise ValueError("BROSTrainer needs a train_dataset (or neither a train nor an upper set, to only evaluate).")
         if upper_dataset is None and not evaluation_only:
             raise ValueError("BROSTrainer needs an upper_dataset (the target set the upper level is learned on).")
-        if kwargs.get("optimizers", (None, None))[0] is not None:
+        ready_optimizer, ready_scheduler = kwargs.get("optimizers", (None, None))
+        if ready_optimizer is not None:
             raise ValueError(
                 "BROSTrainer builds its own optimizer over the subspace coordinates, so it cannot take a ready "
                 "optimizer through optimizers=(optimizer, scheduler). Pass the optimizer class and its keyword "
                 "arguments instead: optimizer_cls_and_kwargs=(torch.optim.AdamW, {...}), or set optim."
+            )
+        if ready_scheduler is not None:
+            raise ValueError(
+                "optimizers=(None, scheduler): a ready scheduler is bound to an optimizer that BROSTrainer does not "
+                "use, so it would not move this run's learning rate. Set lr_scheduler_type and lr_scheduler_kwargs "
+                "in BROSConfig instead (the scheduler is then built on BROSTrainer's optimizer)."
             )
         keyed_train, names = (None, None) if evaluation_only else attach_keys(
             train_dataset, args.upper_level, args.domain_column, args.domains, balanced=args.balanced_domain_batches

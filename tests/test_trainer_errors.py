@@ -533,6 +533,10 @@ def test_optimizers_argument_names_the_alternative(tmp_path, toy):
     ready = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
         BROSTrainer(model=model, args=make_args(tmp_path), train_dataset=toy[0], upper_dataset=toy[1], optimizers=(ready, None))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(ready, lambda step: 1.0)
+    with pytest.raises(ValueError, match="lr_scheduler_type and lr_scheduler_kwargs"):
+        BROSTrainer(model=model, args=make_args(tmp_path), train_dataset=toy[0], upper_dataset=toy[1],
+                    optimizers=(None, scheduler))
     trainer = BROSTrainer(
         model=model,
         args=make_args(tmp_path, max_steps=3),
