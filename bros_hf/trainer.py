@@ -181,6 +181,25 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
                 "backward, which breaks the second-order passes). Use DDP: accelerate launch --multi_gpu."
             )
 
+    def create_accelerator_and_postprocess(self) -> None:
+        """As the Trainer's, with the model kept out of DistributedDataParallel: the bilevel passes run the
+        unwrapped model and all-reduce their own small terms, so a DDP wrapper would only allocate its
+        gradient buckets (a full gradient per process) and never reduce into them. The model gets the rest
+        of accelerate's preparation (device, mixed precision: ``evaluation_mode``), and θ is broadcast from
+        rank 0 once, as DDP does when it wraps a model."""
+        super().create_accelerator_and_postprocess()
+        prepare_model = self.accelerator.prepare_model
+
+        def prepare_without_ddp(model: nn.Module, device_placement: bool | None = None, evaluation_mode: bool = False):
+            prepared = prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+            if not evaluation_mode and self.accelerator.num_processes > 1:
+                with torch.no_grad():
+                    for tensor in [*model.parameters(), *model.buffers()]:
+                        dist.broadcast(tensor.data, src=0)
+            return prepared
+
+        self.accelerator.prepare_model = prepare_without_ddp
+
     def _warn_about_replaced_trainer_settings(self) -> None:
         """Trainer settings the bilevel step cannot honour as the Trainer would: said once, at construction."""
         args = self.args

@@ -10,6 +10,8 @@ Fault injection for the crash and consistency tests, by environment variable:
   that a test can SIGKILL the process in the middle of a save.
 - ``BROS_TEST_PERTURB_Z_AT_STEP=N``: after step N, rank 1 moves one entry of z by one ulp, a
   silent divergence between ranks that the save at that step must refuse.
+- ``BROS_TEST_SEED_PER_RANK=1``: every rank initialises the model from its own seed (seed + rank), as a
+  script that forgot to seed would; the trainer must start all ranks from rank 0's θ.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tests.toy import TinyClassifier, three_domain_toy  # noqa: E402
 
 STALL_SAVE_ENV = "BROS_TEST_STALL_SAVE_FROM_STEP"
 PERTURB_Z_ENV = "BROS_TEST_PERTURB_Z_AT_STEP"
+SEED_PER_RANK_ENV = "BROS_TEST_SEED_PER_RANK"
 
 
 class PerturbZOnRankOne(TrainerCallback):
@@ -56,8 +59,8 @@ def stall_saves_from(trainer: BROSTrainer, step: int) -> None:
 
 def main() -> None:
     (args,) = HfArgumentParser(BROSConfig).parse_args_into_dataclasses()
-    torch.manual_seed(args.seed)
     train_ds, target_ds = three_domain_toy(n_per_domain=128, n_target=128)
+    torch.manual_seed(args.seed + (args.process_index if os.environ.get(SEED_PER_RANK_ENV) else 0))
     trainer = BROSTrainer(model=TinyClassifier(), args=args, train_dataset=train_ds, upper_dataset=target_ds)
     if STALL_SAVE_ENV in os.environ:
         stall_saves_from(trainer, int(os.environ[STALL_SAVE_ENV]))
@@ -71,6 +74,7 @@ def main() -> None:
         "z": {n: z.cpu() for n, z in trainer.engine.z.items()},
         "params": {n: p.detach().cpu() for n, p in trainer.engine.params.items()},
         "world_size": args.world_size,
+        "wrapped_in_ddp": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel),
     }
     torch.save(state, os.path.join(args.output_dir, f"final_state_rank{args.process_index}.pt"))
 

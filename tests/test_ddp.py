@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from bros_hf.checkpointing import rank_mismatches, tensor_digest
-from tests.ddp_train import PERTURB_Z_ENV
+from tests.ddp_train import PERTURB_Z_ENV, SEED_PER_RANK_ENV
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_train.py")
 COMMON = [
@@ -79,7 +79,8 @@ def load_state(checkpoint: Path, rank: int) -> dict[str, Any]:
 def ddp_run(tmp_path_factory) -> Path:
     """The uninterrupted two-process run, checkpoints every 5 steps."""
     output_dir = tmp_path_factory.mktemp("ddp") / "out"
-    assert_ok(run(ddp_command(output_dir, *SAVES)))
+    # Each rank initialises its own θ: the trainer must start both from rank 0's.
+    assert_ok(run(ddp_command(output_dir, *SAVES), env={SEED_PER_RANK_ENV: "1"}))
     return output_dir
 
 
@@ -93,6 +94,8 @@ def test_two_process_ddp_keeps_ranks_identical_and_matches_single_process(ddp_ru
     rank1 = torch.load(ddp_run / "final_state_rank1.pt", weights_only=True)
     single = torch.load(single_dir / "final_state_rank0.pt", weights_only=True)
     assert rank0["world_size"] == rank1["world_size"] == 2 and single["world_size"] == 1
+    # No DistributedDataParallel wrapper (its gradient buckets would be a full gradient per process, unused).
+    assert not rank0["wrapped_in_ddp"] and not rank1["wrapped_in_ddp"]
 
     # λ, h, z and θ bit-identical on both ranks: every update is computed from all-reduced quantities.
     assert_identical(rank0, rank1)
