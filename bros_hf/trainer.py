@@ -47,6 +47,7 @@ from bros_hf.data import (
     attach_keys,
     check_domain_values,
 )
+from bros_hf.distributed import all_reduce_mean_
 from bros_hf.export import (
     MIXTURE_FILE,
     SAMPLE_WEIGHTS_FILE,
@@ -611,7 +612,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         with self._second_order_context():
             terms = self.engine.compute_terms(lower_loss, lambda params: self._losses(params, upper_batch).mean())
         scale = 1.0 / self.current_gradient_accumulation_steps
-        share = terms.scaled(scale)
+        share = terms.scaled(scale).with_auxiliary_residual()
         self._accumulated = share if self._accumulated is None else self._accumulated + share
         if self._domain_monitor is not None:  # presence counts, all-reduced with the terms
             counts = torch.bincount(keys, minlength=len(self.domains)).float() * scale
@@ -640,19 +641,10 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         return counted
 
     def _all_reduce_mean(self, groups: dict[str, dict[str, Tensor]]) -> None:
-        """Average every accumulated tensor over processes with one flat all-reduce (in place)."""
+        """Average every accumulated tensor over processes, in place, in DDP-sized buckets."""
         world = self.accelerator.num_processes
-        if world == 1:
-            return
-        tensors = [t for group in groups.values() for t in group.values()]
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= world
-        offset = 0
-        for group in groups.values():
-            for name, t in group.items():
-                group[name] = flat[offset : offset + t.numel()].view_as(t)
-                offset += t.numel()
+        if world > 1:
+            all_reduce_mean_([t for group in groups.values() for t in group.values()], world)
 
     def _finish_step(self) -> None:
         """All-reduce the accumulated terms, then :meth:`BilevelEngine.apply`: z, h, λ, and the lower

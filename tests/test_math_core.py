@@ -524,3 +524,34 @@ def test_missing_second_order_graph_is_an_error_not_zeros():
         hessian_action(loss, params, vectors, probes=0, mode="autograd")
     hv = hessian_action(loss, params, vectors, probes=0, mode="finite_difference")  # the advertised fix works
     assert float(hv["first"].abs().max()) > 0
+
+
+def test_auxiliary_residual_gives_the_same_step():
+    """Accumulating and all-reducing Pᵀ H S_Q z − Pᵀ∇f instead of both terms changes nothing in the step."""
+    from bros_hf.core.engine import BilevelEngine, BilevelHyperparameters, Terms
+    from bros_hf.core.upper import DomainMixture
+
+    generator = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(8, 20, generator=generator), "b": torch.randn(8, generator=generator)}
+
+    def engine() -> BilevelEngine:
+        hparams = BilevelHyperparameters(rank=4, upper_rule="normalized", upper_lr=0.3)
+        return BilevelEngine({n: p.clone() for n, p in params.items()}, DomainMixture(["a", "b"]), hparams, seed=3)
+
+    one, two = engine(), engine()
+    coordinates = {n: torch.randn(one.sketch_p.coordinate_shape(n, p), generator=generator) for n, p in params.items()}
+    terms = Terms(
+        lower_loss=torch.tensor(1.0),
+        upper_loss=torch.tensor(2.0),
+        lower_grad={n: torch.randn_like(c) for n, c in coordinates.items()},
+        hessian_action={n: torch.randn_like(c) for n, c in coordinates.items()},
+        upper_grad={n: torch.randn_like(c) for n, c in coordinates.items()},
+        cross=torch.tensor([0.3, -0.1]),
+    )
+    halves = [terms.scaled(0.5).with_auxiliary_residual() for _ in range(2)]
+    one.apply(terms, one.sgd(0.1))
+    two.apply(halves[0] + halves[1], two.sgd(0.1))
+    for name in params:
+        torch.testing.assert_close(one.z[name], two.z[name])
+        torch.testing.assert_close(one.params[name], two.params[name])
+    torch.testing.assert_close(one.upper.logits, two.upper.logits)
