@@ -747,11 +747,13 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         }
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """The Trainer's files, and the bilevel state, written once: every process holds the same (checked
+        bit for bit before each save), so the saving process writes it as ``bros_state_rank0.pt``."""
         super()._save_optimizer_and_scheduler(output_dir)
         os.makedirs(output_dir, exist_ok=True)
-        if self.engine is None:
+        if self.engine is None or not self.args.should_save:
             return
-        path = os.path.join(output_dir, STATE_FILE.format(rank=self.args.process_index))
+        path = os.path.join(output_dir, STATE_FILE.format(rank=0))
         tmp = f"{path}.tmp"
         torch.save(self._bilevel_state(), tmp)
         os.replace(tmp, path)
@@ -760,9 +762,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None or self.engine is None:
             return
-        path = os.path.join(checkpoint, STATE_FILE.format(rank=self.args.process_index))
-        if not os.path.exists(path):
-            path = os.path.join(checkpoint, STATE_FILE.format(rank=0))
+        path = os.path.join(checkpoint, STATE_FILE.format(rank=0))
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"{checkpoint} has no bilevel state ({STATE_FILE.format(rank=0)}): it was not written by "

@@ -108,15 +108,14 @@ def test_two_process_ddp_keeps_ranks_identical_and_matches_single_process(ddp_ru
     assert int(torch.argmax(weights[0])) == int(torch.argmax(weights[1])) == 0  # domain A
 
 
-def test_every_ddp_checkpoint_holds_bit_identical_bilevel_state_on_both_ranks(ddp_run):
+def test_every_ddp_checkpoint_holds_the_bilevel_state_once(ddp_run):
+    """Both ranks hold the same state (checked bit for bit before every save), so it is written once."""
     checkpoints = sorted(p.name for p in ddp_run.iterdir() if p.name.startswith("checkpoint-"))
     assert checkpoints == [f"checkpoint-{step}" for step in (10, 15, 20, 25, 5)]
     for name in checkpoints:
-        rank0, rank1 = load_state(ddp_run / name, 0), load_state(ddp_run / name, 1)
-        # λ, h (engine/upper), z, sketches, sketch generator and step count: all of it, bit for bit.
-        assert_identical(rank0["engine"], rank1["engine"], name)
-        assert_identical(rank0["mixture_history"], rank1["mixture_history"], name)
-        assert float(rank0["engine"]["upper"]["logits"].abs().max()) > 0, "λ must have moved"
+        assert not (ddp_run / name / "bros_state_rank1.pt").exists()
+        state = load_state(ddp_run / name, 0)
+        assert float(state["engine"]["upper"]["logits"].abs().max()) > 0, "λ must have moved"
 
 
 def test_ddp_resume_reproduces_checkpoints_and_a_diverged_rank_blocks_the_save(ddp_run, tmp_path):
@@ -125,11 +124,10 @@ def test_ddp_resume_reproduces_checkpoints_and_a_diverged_rank_blocks_the_save(d
     result = run(ddp_command(resumed, *SAVES, "--resume_from_checkpoint", "last"), env={PERTURB_Z_ENV: "25"})
 
     # Resumed from step 10 on two processes, steps 15 and 20 are saved exactly as in the
-    # uninterrupted run: bilevel state of both ranks, model weights and optimizer state.
+    # uninterrupted run: bilevel state, model weights and optimizer state.
     for step in (15, 20):
         ours, theirs = resumed / f"checkpoint-{step}", ddp_run / f"checkpoint-{step}"
-        for rank in (0, 1):
-            assert_identical(load_state(ours, rank), load_state(theirs, rank), f"{step}/rank{rank}")
+        assert_identical(load_state(ours, 0), load_state(theirs, 0), f"{step}/bilevel state")
         assert_identical(load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors"))
         optimizer = [torch.load(d / "optimizer.pt", weights_only=True) for d in (ours, theirs)]
         assert_identical(optimizer[0], optimizer[1], f"{step}/optimizer")
