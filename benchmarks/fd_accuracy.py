@@ -1,13 +1,14 @@
 """How accurate are the finite-difference terms? Relative error against double backward, per eps.
 
-    python -m benchmarks.fd_accuracy                 # fp32 and bf16 autocast, eps 2e-4 ... 2e-2
+    python -m benchmarks.fd_accuracy                 # fp32, bf16 autocast and bf16 weights, eps 2e-4 ... 5e-2
 
 One lower pass of a 2-layer Llama (width 64, vocab 256, batch 6 × 32, 3 domains) in the rank-16
 subspace, forward hooks as in the trainer; ``lower_pass(mode="finite_difference")`` is compared with
 ``mode="autograd"`` (exact in the same precision) for the lower gradient (central differences, sketched
 tensors), the embeddings' full-space lower gradient (one-sided: ∇g(θ − δd), as the trainer's default
 ``lower_full_space_modules`` takes it), the Hessian action and the cross term. This is where
-``DEFAULT_FD_EPS`` and ``hessian_mode="auto"`` (autograd under bf16/fp16) come from.
+``DEFAULT_FD_EPS`` (fp32) and ``DEFAULT_FD_EPS_HALF_PRECISION`` (bf16) come from; which mode learns the better
+mixture in bf16 is :mod:`benchmarks.bf16_mixtures`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from bros_hf.losses import per_example_losses
 from bros_hf.modules import full_space_parameter_names, model_perturber
 from tests.toy import tiny_llama
 
-EPS = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
+EPS = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
+PRECISIONS = ("fp32", "bf16", "bf16-weights")  # bf16: autocast over fp32 weights; bf16-weights: model.to(bf16)
 
 
 def _relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
@@ -39,6 +41,8 @@ def _flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 def measure(precision: str, rank: int = 16, seed: int = 0) -> list[dict[str, float]]:
     """One row per eps: relative errors of gradient, Hessian action and cross term in ``precision``."""
     model = tiny_llama(vocab=256, hidden=64, layers=2, heads=4, kv_heads=4, seed=seed).eval()
+    if precision == "bf16-weights":
+        model = model.to(torch.bfloat16)
     params = {n: p.detach() for n, p in model.named_parameters()}
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(seed))
     keys = torch.tensor([0, 1, 2] * 2)
@@ -89,7 +93,7 @@ def measure(precision: str, rank: int = 16, seed: int = 0) -> list[dict[str, flo
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print("| precision | eps | gradient | embedding gradient (one-sided) | Hessian action | cross term |")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from bros_hf.core.engine import BilevelHyperparameters
-from bros_hf.core.estimators import DEFAULT_FD_EPS
+from bros_hf.core.estimators import DEFAULT_FD_EPS, DEFAULT_FD_EPS_HALF_PRECISION
 from bros_hf.core.upper import DEFAULT_RMS_DECAY
 
 # upper_update="normalized": measured on known-answer mixture tasks (interior optima, loss ×1 and ×10, a
@@ -92,17 +92,19 @@ class BROSConfig(TrainingArguments):
             "help": "How second-order terms are computed: 'finite_difference' (two first-order passes at θ ± δd "
             "give gradient, Hessian action and cross term; O(eps^2) bias; memory of a plain backward and about "
             "2-2.5x a plain step's time), 'autograd' (double backward restricted to the r-dim coordinates, "
-            "exact, about 3x the memory) or 'auto' (the default): finite_difference in fp32, autograd when the run "
-            "is in bf16 (bf16=True, accelerate's mixed_precision, or weights loaded in bf16/fp16), where differences of half-precision gradients are mostly round-off (measured relative "
-            "error of the Hessian action 0.33 at eps 2e-3 in bf16, 1e-4 in fp32: python -m benchmarks.fd_accuracy).",
+            "exact, about 3x the memory) or 'auto' (the default): finite_difference, with finite_difference_eps "
+            "chosen for the run's precision.",
             "choices": ["auto", "autograd", "finite_difference"],
         },
     )
-    finite_difference_eps: float = field(
-        default=DEFAULT_FD_EPS,
+    finite_difference_eps: float | None = field(
+        default=None,
         metadata={
             "help": "hessian_mode='finite_difference': the passes at θ ± δd use δ‖d‖ = eps · max(‖θ‖, 1). They give "
-            "the Hessian action (differences of gradients) and the cross term (differences of losses) at once."
+            "the Hessian action (differences of gradients) and the cross term (differences of losses) at once. "
+            f"Default: {DEFAULT_FD_EPS:g} in fp32, {DEFAULT_FD_EPS_HALF_PRECISION:g} when the run is in bf16 (bf16=True, "
+            "accelerate's mixed_precision, or bf16/fp16 weights), where round-off swamps smaller differences "
+            "(Hessian action 33 % off at 2e-3, 3-5 % at 2e-2: python -m benchmarks.fd_accuracy)."
         },
     )
     aux_learning_rate: float = field(
@@ -262,8 +264,8 @@ class BROSConfig(TrainingArguments):
         }
         for name, meaning in positive.items():
             value = getattr(self, name)
-            if name == "upper_learning_rate" and value is None:
-                continue  # set from the run: resolved_upper_learning_rate
+            if name in ("upper_learning_rate", "finite_difference_eps") and value is None:
+                continue  # set from the run: resolved_upper_learning_rate, resolved_finite_difference_eps
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 default = self.__dataclass_fields__[name].default
                 raise ValueError(
@@ -298,14 +300,21 @@ class BROSConfig(TrainingArguments):
             )
         return DOMAIN_LOGIT_TRAVEL / max(steps - self.upper_warmup_steps, 1)
 
+    def _half_precision(self, half_precision: bool | None) -> bool:
+        return self.bf16 if half_precision is None else half_precision
+
     def resolved_hessian_mode(self, half_precision: bool | None = None) -> str:
-        """``hessian_mode`` with "auto" decided: autograd when the passes run in half precision (differences of
-        bf16 gradients are mostly round-off), finite differences otherwise. ``half_precision``: what the run
-        actually uses (the Accelerator's mixed precision, or half-precision weights); default: ``bf16``."""
-        if self.hessian_mode != "auto":
-            return self.hessian_mode
-        half = self.bf16 if half_precision is None else half_precision
-        return "autograd" if half else "finite_difference"
+        """``hessian_mode`` with "auto" decided: finite differences, in every precision (in bf16 with the larger
+        step of :meth:`resolved_finite_difference_eps`, which keeps the memory of a plain backward where double
+        backward needs about twice it). ``half_precision`` as in :meth:`resolved_finite_difference_eps`."""
+        return "finite_difference" if self.hessian_mode == "auto" else self.hessian_mode
+
+    def resolved_finite_difference_eps(self, half_precision: bool | None = None) -> float:
+        """``finite_difference_eps``, or its default for the precision the passes run in: ``half_precision``
+        (the Accelerator's mixed precision or half-precision weights; default: ``bf16``)."""
+        if self.finite_difference_eps is not None:
+            return self.finite_difference_eps
+        return DEFAULT_FD_EPS_HALF_PRECISION if self._half_precision(half_precision) else DEFAULT_FD_EPS
 
     def bilevel_hyperparameters(
         self, half_precision: bool | None = None, num_training_steps: int | None = None
@@ -325,6 +334,6 @@ class BROSConfig(TrainingArguments):
             upper_rule=self.upper_update,
             upper_rms_decay=self.upper_rms_decay,
             z_radius=self.z_norm_bound,
-            fd_eps=self.finite_difference_eps,
+            fd_eps=self.resolved_finite_difference_eps(half_precision),
             upper_warmup_steps=self.upper_warmup_steps,
         )

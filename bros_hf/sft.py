@@ -83,7 +83,7 @@ class BROSSFTConfig(SFTConfig, BROSConfig):
     Defaults are SFTConfig's, so that swapping ``SFTConfig`` for ``BROSSFTConfig`` changes nothing about the
     SFT run: where TRL changes a ``TrainingArguments`` default (``learning_rate=2e-5``, ``logging_steps=10``,
     ``gradient_checkpointing=True``, ``bf16`` on unless ``fp16``) TRL's default holds. The bilevel fields have
-    BROSConfig's defaults; ``bf16=True`` makes ``hessian_mode="auto"`` use autograd (see BROSConfig).
+    BROSConfig's defaults; with ``bf16=True`` finite differences take their half-precision step (see BROSConfig).
 
     ``__post_init__`` runs SFTConfig's, which runs BROSConfig's (through TRL's base config) and with it
     ``TrainingArguments``'s: BROSConfig's validation holds unchanged.

@@ -612,7 +612,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         with self._second_order_context():
             terms = self.engine.compute_terms(lower_loss, lambda params: self._losses(params, upper_batch).mean())
         scale = 1.0 / self.current_gradient_accumulation_steps
-        share = terms.scaled(scale).with_auxiliary_residual()
+        share = terms.accumulation_share(scale)
         self._accumulated = share if self._accumulated is None else self._accumulated + share
         if self._domain_monitor is not None:  # presence counts, all-reduced with the terms
             counts = torch.bincount(keys, minlength=len(self.domains)).float() * scale

@@ -548,7 +548,7 @@ def test_auxiliary_residual_gives_the_same_step():
         upper_grad={n: torch.randn_like(c) for n, c in coordinates.items()},
         cross=torch.tensor([0.3, -0.1]),
     )
-    halves = [terms.scaled(0.5).with_auxiliary_residual() for _ in range(2)]
+    halves = [terms.accumulation_share(0.5) for _ in range(2)]
     one.apply(terms, one.sgd(0.1))
     two.apply(halves[0] + halves[1], two.sgd(0.1))
     for name in params:

@@ -101,7 +101,7 @@ def test_config_is_both_configs_with_sft_defaults_and_bros_validation(tmp_path):
     assert args.pad_to_multiple_of is None  # SFTConfig.__post_init__ resolved "auto"
     assert args.bf16 is True  # TRL's base config resolved None; TrainingArguments' post-init then ran
     assert (args.upper_level, args.bilevel_method, args.domain_column) == ("domain", "bros", "domain")
-    assert args.resolved_hessian_mode() == "autograd"  # BROSConfig's rule for bf16
+    assert args.resolved_finite_difference_eps() == 2e-2  # BROSConfig's rule for bf16
     with pytest.raises(ValueError, match="upper_level must be 'domain' or 'sample'"):
         BROSSFTConfig(output_dir=str(tmp_path), use_cpu=True, upper_level="tokens")
     with pytest.raises(ValueError, match="fp16 mixed precision is not supported"):

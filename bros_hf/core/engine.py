@@ -132,14 +132,23 @@ class Terms:
             {g: {n: t.detach().float() * factor for n, t in ts.items()} for g, ts in groups.items()}
         )
 
-    def with_auxiliary_residual(self) -> Terms:
-        """The same step with ``hessian_action`` replaced by the auxiliary residual Pᵀ H S_Q z − Pᵀ∇f and
-        ``upper_grad`` by zeros. z's update uses only that difference (:meth:`BilevelEngine.update_auxiliary`),
-        and means commute with it, so accumulating and all-reducing the residual gives the same step with one
-        tensor per parameter instead of two: less memory across micro-batches, fewer bytes between processes."""
-        residual = {n: h - self.upper_grad[n] for n, h in self.hessian_action.items()}
-        zeros = {n: g.new_zeros(()) for n, g in self.upper_grad.items()}
-        return Terms(self.lower_loss, self.upper_loss, self.lower_grad, residual, zeros, self.cross)
+    def accumulation_share(self, factor: float) -> Terms:
+        """:meth:`scaled` by ``factor``, with ``hessian_action`` replaced by the auxiliary residual
+        Pᵀ H S_Q z − Pᵀ∇f and ``upper_grad`` by zeros. z's update uses only that difference
+        (:meth:`BilevelEngine.update_auxiliary`) and means commute with it, so accumulating and all-reducing the
+        residual gives the same step with one new tensor per parameter and term where :meth:`scaled` makes
+        three: less memory across micro-batches, fewer bytes between processes."""
+
+        def share(t: Tensor) -> Tensor:
+            return t.detach().float() * factor
+
+        residual = {
+            n: torch.sub(h.detach().float(), self.upper_grad[n].detach().float()).mul_(factor)
+            for n, h in self.hessian_action.items()
+        }
+        zeros = {n: g.new_zeros((), dtype=torch.float32) for n, g in self.upper_grad.items()}
+        lower_grad = {n: share(g) for n, g in self.lower_grad.items()}
+        return Terms(share(self.lower_loss), share(self.upper_loss), lower_grad, residual, zeros, share(self.cross))
 
     def __add__(self, other: Terms) -> Terms:
         mine, theirs = self.groups(), other.groups()
