@@ -14,6 +14,8 @@ from bros_hf.modules import model_perturber
 from tests.parity import materialised_and_hooked
 
 VOCAB = 96
+CLASSES = 3
+IMAGE = 16
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
 
 
@@ -51,11 +53,55 @@ FAMILIES = {
             decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
         )
     ),
+    # Mixture-of-experts layers (experts held as raw 3-D parameters), fused QKV, partial rotary, parallel blocks.
+    "qwen2_moe": _decoder(
+        "Qwen2MoeConfig", "Qwen2MoeForCausalLM", num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=32,
+    ),
+    "phi": _decoder("PhiConfig", "PhiForCausalLM"),
+    "gpt_neox": _decoder("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+    "gptj": lambda: transformers.GPTJForCausalLM(
+        transformers.GPTJConfig(
+            vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64, rotary_dim=8, bos_token_id=0,
+            eos_token_id=0,
+        )
+    ),
+    "falcon": lambda: transformers.FalconForCausalLM(
+        transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ),
+    "smollm3": _decoder(
+        "SmolLM3Config", "SmolLM3ForCausalLM", num_key_value_heads=1, pad_token_id=0, bos_token_id=0, eos_token_id=0
+    ),
+    "granite": _decoder("GraniteConfig", "GraniteForCausalLM", num_key_value_heads=1),
+    # Sequence classifiers (labels [B]) and image classifiers (pixel_values; ConvNeXt's 4-D convolution kernels).
+    "bert": _decoder("BertConfig", "BertForSequenceClassification", num_labels=CLASSES),
+    "roberta": _decoder("RobertaConfig", "RobertaForSequenceClassification", num_labels=CLASSES, pad_token_id=1),
+    "deberta_v2": _decoder("DebertaV2Config", "DebertaV2ForSequenceClassification", num_labels=CLASSES),
+    "modernbert": _decoder(
+        "ModernBertConfig", "ModernBertForSequenceClassification", num_labels=CLASSES, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+    ),
+    "vit": lambda: transformers.ViTForImageClassification(
+        transformers.ViTConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=IMAGE,
+            patch_size=4, num_labels=CLASSES,
+        )
+    ),
+    "convnext": lambda: transformers.ConvNextForImageClassification(
+        transformers.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=CLASSES)
+    ),
 }
+# A marked subset runs by default; every family runs with `-m slow` (all of them: `-m "slow or not slow"`).
+DEFAULT_TRAINER_FAMILIES = ("gemma", "opt", "t5", "qwen2_moe", "modernbert", "convnext")
 
 
 def _inputs(model, generator):
+    if model.main_input_name == "pixel_values":
+        pixels = torch.randn(4, 3, IMAGE, IMAGE, generator=generator)
+        return {"pixel_values": pixels, "labels": torch.randint(0, CLASSES, (4,), generator=generator)}
     ids = torch.randint(3, VOCAB, (4, 12), generator=generator)
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        return {"input_ids": ids, "labels": torch.randint(0, CLASSES, (4,), generator=generator)}
     if model.config.is_encoder_decoder:
         labels = torch.randint(3, VOCAB, (4, 8), generator=generator)
         labels[0, -2:] = -100
@@ -79,8 +125,11 @@ def test_per_example_losses_average_to_the_models_own_loss(family):
         outputs = model(**batch)
     shift = not model.config.is_encoder_decoder
     losses = per_example_losses(outputs, batch["labels"], shift_labels=shift)
-    labels = batch["labels"][:, 1:] if shift else batch["labels"]
-    tokens = (labels != -100).sum(dim=1).float()
+    if batch["labels"].dim() == 1:  # classifiers: one label per example
+        tokens = torch.ones(len(losses))
+    else:
+        labels = batch["labels"][:, 1:] if shift else batch["labels"]
+        tokens = (labels != -100).sum(dim=1).float()
     torch.testing.assert_close((losses * tokens).sum() / tokens.sum(), outputs.loss, rtol=1e-5, atol=1e-6)
 
 
@@ -117,10 +166,17 @@ def test_hooks_match_materialised_perturbation(family):
     assert float(materialised.cross.abs().max()) > 0, "the cross term is not trivially zero"
 
 
-@pytest.mark.parametrize("family", ["gemma", "opt", "t5"])
-def test_trainer_runs_and_uses_the_families_loss(tmp_path, family):
-    """A few BROSTrainer steps per family (OPT's offset positions once crashed the hooks), and the trainer's
-    per-example loss is the family's: T5's labels are aligned with its decoder (no shift)."""
+def _trainer_cases():
+    for family in sorted(FAMILIES):
+        for mode in ("autograd", "finite_difference"):
+            marks = () if family in DEFAULT_TRAINER_FAMILIES else (pytest.mark.slow,)
+            yield pytest.param(family, mode, marks=marks, id=f"{family}-{mode}")
+
+
+@pytest.mark.parametrize(("family", "mode"), list(_trainer_cases()))
+def test_trainer_runs_and_uses_the_families_loss(tmp_path, family, mode, one_thread):
+    """Three BROSTrainer steps per family and Hessian mode (OPT's offset positions once crashed the hooks), and
+    the trainer's per-example loss is the family's: T5's labels are aligned with its decoder (no shift)."""
     import datasets
 
     from bros_hf import BROSConfig, BROSTrainer
@@ -130,23 +186,25 @@ def test_trainer_runs_and_uses_the_families_loss(tmp_path, family):
     train = datasets.Dataset.from_dict({**rows, "domain": ["A", "B", "A", "B"]}).with_format("torch")
     args = BROSConfig(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, subspace_rank=4, report_to=[],
-        use_cpu=True, disable_tqdm=True, save_strategy="no", learning_rate=1e-3,
+        use_cpu=True, disable_tqdm=True, save_strategy="no", learning_rate=1e-3, hessian_mode=mode,
     )
     trainer = BROSTrainer(model=model, args=args, train_dataset=train, upper_dataset=train)
     trainer.train()
+    assert trainer.engine.hparams.hessian_mode == mode
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(trainer.upper.logits).all() and float(trainer.upper.logits.abs().max()) > 0
     model.eval()
     with torch.no_grad():
         outputs = model(**batch)
         own = trainer.per_example_loss(outputs, batch["labels"])
-    expected = per_example_losses(outputs, batch["labels"], shift_labels=family != "t5")
+    expected = per_example_losses(outputs, batch["labels"], shift_labels=not model.config.is_encoder_decoder)
     torch.testing.assert_close(own, expected)
 
 
 @pytest.mark.parametrize("mode", ["auto", "finite_difference"])
 def test_bf16_weights_train(tmp_path, mode):
     """Weights loaded in bf16 (no autocast): the fp32 z and coordinates enter the layers cast to bf16, the run
-    stays finite, and "auto" picks double backward for half-precision weights."""
+    stays finite, and "auto" takes finite differences with the half-precision step."""
     import datasets
 
     from bros_hf import BROSConfig, BROSTrainer
@@ -161,7 +219,7 @@ def test_bf16_weights_train(tmp_path, mode):
     )
     trainer = BROSTrainer(model=model, args=args, train_dataset=train, upper_dataset=train)
     trainer.train()
-    assert trainer.engine.hparams.hessian_mode == ("autograd" if mode == "auto" else mode)
+    assert trainer.engine.hparams.hessian_mode == "finite_difference" and trainer.engine.hparams.fd_eps == 2e-2
     assert float(sum(z.norm() for z in trainer.engine.z.values())) > 0, "z ≠ 0: the failing case is exercised"
     assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
     assert torch.isfinite(trainer.upper.logits).all() and not torch.equal(trainer.upper.logits, torch.zeros(2))
