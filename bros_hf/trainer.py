@@ -184,9 +184,10 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
 
     def create_accelerator_and_postprocess(self) -> None:
         """As the Trainer's, with the model kept out of DistributedDataParallel: the bilevel passes run the
-        unwrapped model and all-reduce their own small terms, so a DDP wrapper would only allocate its
-        gradient buckets (a full gradient per process) and never reduce into them. The model gets the rest
-        of accelerate's preparation (device, mixed precision: ``evaluation_mode``), and θ is broadcast from
+        unwrapped model and all-reduce their own small terms, so a DDP wrapper has nothing to do, and its
+        gradient buckets (a full gradient per process, allocated by the reducer when a backward first runs
+        through the wrapper: +3 MB measured on CPU/gloo, where none does) are never needed. The model gets the
+        rest of accelerate's preparation (device, mixed precision: ``evaluation_mode``), and θ is broadcast from
         rank 0 once, as DDP does when it wraps a model."""
         super().create_accelerator_and_postprocess()
         prepare_model = self.accelerator.prepare_model
