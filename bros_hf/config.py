@@ -230,6 +230,13 @@ class BROSConfig(TrainingArguments):
                 f"optim={self.optim!r} is not supported for the lower level (its state lives in the r-dim "
                 f"coordinates); use one of {list(SUPPORTED_OPTIMIZERS)}."
             )
+        if self.neftune_noise_alpha is not None:
+            raise ValueError(
+                f"neftune_noise_alpha={self.neftune_noise_alpha} is not supported: NEFTune adds fresh random noise to "
+                "the embeddings on every training-mode forward pass, and a bilevel step compares several passes "
+                "(finite differences of gradients and losses at θ ± δd), which the noise would swamp. Set "
+                "neftune_noise_alpha=None."
+            )
         if self.fsdp:
             raise ValueError(
                 "FSDP is not supported: it frees/shards parameters after backward, which breaks the bilevel "

@@ -108,7 +108,7 @@ class BROSSFTTrainer(BROSTrainer, SFTTrainer):
 
     Not supported (each refused at construction with the fix): vision-language datasets, ``loss_type="dft"``,
     ``packing_strategy="wrapped"`` with ``packing=True``, ``activation_offloading``, NEFTune
-    (``neftune_noise_alpha``), Mixture-of-Experts router auxiliary losses, pre-packed datasets under
+    (``neftune_noise_alpha``, refused by BROSConfig), Mixture-of-Experts router auxiliary losses, pre-packed datasets under
     ``skip_prepare_dataset``, packing a streamed training set. Training steps do not compute SFT's ``entropy`` /
     ``mean_token_accuracy`` (evaluation does); ``num_tokens`` is logged.
     """
@@ -160,13 +160,6 @@ class BROSSFTTrainer(BROSTrainer, SFTTrainer):
                 "activation_offloading=True is not supported by BROSSFTTrainer: the bilevel passes take first- and "
                 "second-order gradients with torch.autograd.grad, outside the offloading context SFTTrainer puts "
                 "around its training step. Use gradient_checkpointing=True to save activation memory instead."
-            )
-        if args.neftune_noise_alpha is not None:
-            raise ValueError(
-                f"neftune_noise_alpha={args.neftune_noise_alpha} is not supported by BROSSFTTrainer: NEFTune adds fresh "
-                "random noise to the embeddings on every training-mode forward pass, and a bilevel step compares "
-                "several passes (finite differences of gradients and losses at θ ± δd), which the noise would swamp. "
-                "Set neftune_noise_alpha=None."
             )
         if args.packing and args.packing_strategy == "wrapped":
             raise ValueError(

@@ -126,6 +126,7 @@ def test_sample_mode_needs_indexable_train_set(tmp_path, toy):
         ({"upper_level": "token"}, "upper_level must be"),
         ({"optim": "adafactor"}, "not supported for the lower level"),
         ({"fsdp": "full_shard"}, "FSDP is not supported"),
+        ({"neftune_noise_alpha": 5.0}, "neftune_noise_alpha=5.0 is not supported: NEFTune adds fresh random noise"),
         (
             {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}},
             "Reentrant activation checkpointing",
