@@ -319,7 +319,13 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
 
     # ------------------------------------------------------------------ optimizer in coordinates
     def _bilevel_model(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        """The model the bilevel passes run: ``self.model`` without DDP or compile wrappers. Cached per
+        ``self.model`` object: accelerate's unwrapping looks up installed packages on every call, which took
+        0.40 s of 3.3 s in a cProfile of 100 steps of a small MLP (nine calls a step)."""
+        if getattr(self, "_unwrapped_for", None) is not self.model:
+            self._unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            self._unwrapped_for = self.model
+        return self._unwrapped
 
     def _trainable_parameters(self) -> dict[str, nn.Parameter]:
         params = {n: p for n, p in self._bilevel_model().named_parameters() if p.requires_grad}
