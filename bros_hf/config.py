@@ -104,7 +104,7 @@ class BROSConfig(TrainingArguments):
             "the Hessian action (differences of gradients) and the cross term (differences of losses) at once. "
             f"Default: {DEFAULT_FD_EPS:g} in fp32, {DEFAULT_FD_EPS_HALF_PRECISION:g} when the run is in bf16 (bf16=True, "
             "accelerate's mixed_precision, or bf16/fp16 weights), where round-off swamps smaller differences "
-            "(Hessian action 33 % off at 2e-3, 3-5 % at 2e-2: python -m benchmarks.fd_accuracy)."
+            "(relative error of the Hessian action 0.33 at 2e-3, 0.03-0.05 at 2e-2: python -m benchmarks.fd_accuracy)."
         },
     )
     aux_learning_rate: float = field(
