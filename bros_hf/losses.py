@@ -11,7 +11,9 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 
-def _logits_of(outputs: Any) -> Tensor:
+def logits_of(outputs: Any) -> Tensor:
+    """The logits of a model's outputs: a tensor, a dict or ModelOutput with ``logits``, a tuple starting with
+    them, or an object with a ``logits`` attribute."""
     if isinstance(outputs, Tensor):
         return outputs
     if isinstance(outputs, dict) or hasattr(outputs, "keys"):
@@ -65,7 +67,7 @@ def per_example_losses(
     (``shift_labels=False``: labels already aligned with the decoder's logits); logits [B, C] with
     labels [B] is classification. ``label_smoothing`` is the Trainer's ``label_smoothing_factor`` ε.
     Returns a [B] tensor."""
-    logits = _logits_of(outputs)
+    logits = logits_of(outputs)
     if logits.dim() == 3 and labels.dim() == 2:
         if shift_labels:
             return causal_lm_losses(logits, labels, label_smoothing)
@@ -102,7 +104,7 @@ def packed_sequence_losses(
     token loss over the valid targets of segment s, as :func:`per_example_losses` gives for the same example
     padded in a row of its own. ``segments`` [R, T] holds each token's segment index (−1: padding), see
     :func:`packed_segments`. Returns a [num_segments] tensor."""
-    logits = _logits_of(outputs)
+    logits = logits_of(outputs)
     if logits.dim() != 3 or labels.shape != segments.shape or logits.shape[:2] != labels.shape:
         raise ValueError(
             f"Packed per-segment losses need token logits [R, T, V] and labels and position_ids [R, T]; got logits "
@@ -151,6 +153,7 @@ def target_counts(
 __all__ = [
     "causal_lm_losses",
     "classification_losses",
+    "logits_of",
     "packed_segments",
     "packed_sequence_losses",
     "per_example_losses",

@@ -24,7 +24,7 @@ import os
 import warnings
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import torch
@@ -58,15 +58,26 @@ from bros_hf.export import (
     sample_weights_payload,
     write_json_atomic,
 )
-from bros_hf.losses import packed_segments, packed_sequence_losses, per_example_losses, target_counts
+from bros_hf.losses import (
+    logits_of,
+    packed_segments,
+    packed_sequence_losses,
+    per_example_losses,
+    target_counts,
+)
 from bros_hf.modules import full_space_parameter_names, model_perturber
 from bros_hf.validation import DomainPresenceMonitor, LabelSpace, check_subspace_coverage
 
 STATE_FILE = "bros_state_rank{rank}.pt"
 
 
-def _logits(outputs: Any) -> Tensor:
-    return outputs if isinstance(outputs, Tensor) else outputs["logits"]
+class Packing(NamedTuple):
+    """Where the examples of a packed batch (several examples per row) are: every token's segment (−1:
+    padding), the number of examples, and every example's number of target tokens n_i."""
+
+    segments: Tensor
+    examples: int
+    counts: Tensor
 
 
 class BROSTrainer(AtomicCheckpointMixin, Trainer):
@@ -468,7 +479,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             )
         return torch.stack([loss.reshape(()) for loss in losses])
 
-    def _packed_loss(self, outputs: Any, labels: Tensor, segments: Tensor, num_segments: int) -> Tensor:
+    def _packed_loss(self, outputs: Any, labels: Tensor, packing: Packing) -> Tensor:
         """Per-segment losses of packed rows; only the built-in loss knows where a segment's tokens are."""
         if type(self).per_example_loss is not BROSTrainer.per_example_loss or self.compute_loss_func is not None:
             raise ValueError(
@@ -479,8 +490,8 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         return packed_sequence_losses(
             outputs,
             labels,
-            segments,
-            num_segments,
+            packing.segments,
+            packing.examples,
             shift_labels=not self._is_encoder_decoder(),
             label_smoothing=self.args.label_smoothing_factor,
         )
@@ -494,10 +505,10 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             return sdpa_kernel(SDPBackend.MATH)
         return contextlib.nullcontext()
 
-    def _packing(self, inputs: Mapping[str, Any]) -> tuple[Tensor, int] | None:
-        """(segment of every token, number of examples) when rows hold several examples (padding-free /
-        packed batches: ``position_ids`` restart inside a row), else None. With keys (training batches) every
-        key must have its segment; segments past the last key must be padding (no target tokens)."""
+    def _packing(self, inputs: Mapping[str, Any]) -> Packing | None:
+        """Where the examples are when rows hold several (padding-free / packed batches: ``position_ids``
+        restart inside a row), else None; computed once per batch, for all of its passes. With keys (training
+        batches) every key must have its segment; segments past the last key must be padding (no target tokens)."""
         labels, keys = inputs["labels"], inputs.get(KEY_COLUMN)
         if "position_ids" not in inputs or labels.dim() != 2:
             if keys is not None and keys.numel() > labels.shape[0] and labels.dim() == 2:
@@ -512,23 +523,34 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         segments, count = packed_segments(positions, inputs.get("attention_mask"))
         if count == labels.shape[0] and bool((positions[:, 0] == 0).all()):
             return None  # one example per row
+        if self._is_encoder_decoder():
+            raise ValueError(
+                "Packed rows (position_ids restarting inside a row) are only supported for decoder-only models; "
+                f"{type(self._bilevel_model()).__name__} is an encoder-decoder. Pad its examples instead."
+            )
+        counts = target_counts(labels, shift_labels=True, segments=segments, num_segments=count)
         if keys is None:
-            return segments, count
+            return Packing(segments, count, counts)
         examples = keys.numel()
-        shift = not self._is_encoder_decoder()
-        counts = target_counts(labels, shift_labels=shift, segments=segments, num_segments=count)
         if count < examples or bool((counts[examples:] > 0).any()):
             raise ValueError(
                 f"The batch's position_ids start {count} sequences but it has {examples} example keys: each packed "
                 "example needs its key, in row order. With datasets, pack with bros_hf helpers that carry the key "
                 "per segment, or collate unpacked examples with DataCollatorWithFlattening."
             )
-        return segments.masked_fill(segments >= examples, -1), examples
+        return Packing(segments.masked_fill(segments >= examples, -1), examples, counts[:examples])
 
-    def _losses(self, params: Mapping[str, Tensor], inputs: Mapping[str, Any], tokens_per_batch: float | None = None) -> Tensor:
+    def _losses(
+        self,
+        params: Mapping[str, Tensor],
+        inputs: Mapping[str, Any],
+        packing: Packing | None,
+        tokens_per_batch: float | None = None,
+    ) -> Tensor:
         """ℓ_i(θ) for every example of ``inputs`` under ``params``: one per key (training batches; packed
-        segments included), or one per example with target tokens (upper batches). With
-        ``loss_normalization="token"``, ℓ_i · n_i · B / N, N = ``tokens_per_batch`` (default: this batch's n)."""
+        segments included), or one per example with target tokens (upper batches); ``packing`` is
+        :meth:`_packing` of ``inputs``. With ``loss_normalization="token"``, ℓ_i · n_i · B / N, N =
+        ``tokens_per_batch`` (default: this batch's n)."""
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", KEY_COLUMN)}
         if "labels" not in inputs:
             raise ValueError(
@@ -546,9 +568,6 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             # No key/value cache in training passes: it costs memory, and with a cache transformers' masks stop
             # reading packed examples' boundaries from position_ids (attention would leak between them).
             model_inputs.setdefault("use_cache", False)
-        packing = self._packing(inputs)
-        if packing is not None and not self._packed_attention_checked:
-            self._check_packed_attention(params, model_inputs, packing[0])
         with self.compute_loss_context_manager():
             outputs = functional_call(model, dict(params), args=(), kwargs=model_inputs, strict=False)
         labels = inputs["labels"]
@@ -556,8 +575,10 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             losses = self.per_example_loss(outputs, labels)
             counts = None
         else:
-            losses = self._packed_loss(outputs, labels, *packing)
-            counts = target_counts(labels, shift_labels=not self._is_encoder_decoder(), segments=packing[0], num_segments=packing[1])
+            if not self._packed_attention_checked:
+                self._check_packed_attention(params, model_inputs, packing.segments, logits_of(outputs))
+            losses = self._packed_loss(outputs, labels, packing)
+            counts = packing.counts
             if KEY_COLUMN not in inputs:  # upper batches: padding segments are not examples
                 losses = losses[counts > 0]
                 counts = counts[counts > 0]
@@ -569,26 +590,28 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         return losses
 
     @torch.no_grad()
-    def _check_packed_attention(self, params: Mapping[str, Tensor], model_inputs: dict[str, Any], segments: Tensor) -> None:
-        """Once per run: the second packed example's logits must equal those of the same example run alone,
-        or attention leaks across packed examples (an attention implementation that ignores position_ids)."""
+    def _check_packed_attention(
+        self, params: Mapping[str, Tensor], model_inputs: dict[str, Any], segments: Tensor, packed_logits: Tensor
+    ) -> None:
+        """Once per run: the second packed example's logits (``packed_logits``: the pass's own) must equal those
+        of the same example run alone, or attention leaks across packed examples (an attention implementation
+        that ignores position_ids)."""
         self._packed_attention_checked = True
         rows, positions = torch.nonzero(segments == 1, as_tuple=True)
         if rows.numel() == 0 or "input_ids" not in model_inputs:
             return
         row, span = int(rows[0]), positions[rows == rows[0]]
         model = self._bilevel_model()
+        alone_inputs = {"input_ids": model_inputs["input_ids"][row : row + 1, span]}
+        alone_inputs["position_ids"] = model_inputs["position_ids"][row : row + 1, span]
+        if "use_cache" in model_inputs:
+            alone_inputs["use_cache"] = model_inputs["use_cache"]
         with self.compute_loss_context_manager():
-            packed = functional_call(model, dict(params), args=(), kwargs=model_inputs, strict=False)
-            alone_inputs = {"input_ids": model_inputs["input_ids"][row : row + 1, span]}
-            alone_inputs["position_ids"] = model_inputs["position_ids"][row : row + 1, span]
-            if "use_cache" in model_inputs:
-                alone_inputs["use_cache"] = model_inputs["use_cache"]
             alone = functional_call(model, dict(params), args=(), kwargs=alone_inputs, strict=False)
-        packed_logits = _logits(packed)[row, span].float()
-        alone_logits = _logits(alone)[0].float()
+        half = packed_logits.dtype in (torch.bfloat16, torch.float16) or self.accelerator.mixed_precision == "bf16"
+        packed_logits = packed_logits.detach()[row, span].float()
+        alone_logits = logits_of(alone)[0].float()
         error = float((packed_logits - alone_logits).abs().max()) / max(float(alone_logits.abs().max()), 1e-6)
-        half = _logits(packed).dtype in (torch.bfloat16, torch.float16) or self.accelerator.mixed_precision == "bf16"
         tolerance = 3e-2 if half else 1e-3
         if error > tolerance:
             attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
@@ -615,9 +638,14 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         keys = inputs[KEY_COLUMN]
         upper_batch = self._prepare_inputs(self.upper_stream.next_batch())
         tokens = self._tokens_per_micro_batch if self.args.loss_normalization == "token" else None
-        lower_loss = make_lower_loss(lambda params: self._losses(params, inputs, tokens), self.upper, keys)
+        lower_packing, upper_packing = self._packing(inputs), self._packing(upper_batch)
+        lower_loss = make_lower_loss(
+            lambda params: self._losses(params, inputs, lower_packing, tokens), self.upper, keys
+        )
         with self._second_order_context():
-            terms = self.engine.compute_terms(lower_loss, lambda params: self._losses(params, upper_batch).mean())
+            terms = self.engine.compute_terms(
+                lower_loss, lambda params: self._losses(params, upper_batch, upper_packing).mean()
+            )
         scale = 1.0 / self.current_gradient_accumulation_steps
         share = terms.accumulation_share(scale)
         self._accumulated = share if self._accumulated is None else self._accumulated + share
@@ -639,8 +667,8 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         total = torch.zeros((), device=device)
         for batch in batch_samples:
             packing = self._packing(batch)
-            segments, count = packing if packing is not None else (None, 0)
-            total += target_counts(batch["labels"], shift_labels=shift, segments=segments, num_segments=count).sum().to(device)
+            counts = target_counts(batch["labels"], shift_labels=shift) if packing is None else packing.counts
+            total += counts.sum().to(device)
         processes = self.accelerator.num_processes
         if processes > 1:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)

@@ -154,7 +154,7 @@ def test_label_smoothing_matches_the_trainers_label_smoother(tmp_path, one_threa
     for i in (0, 70):
         batch = pad_collator([train[i]])
         with torch.no_grad():
-            ours = trainer._losses(params_of(trainer), batch)
+            ours = trainer._losses(params_of(trainer), batch, trainer._packing(batch))
             outputs = trainer.model(input_ids=batch["input_ids"])
         reference = LabelSmoother(epsilon=0.1)(outputs, batch["labels"], shift_labels=True)
         torch.testing.assert_close(ours, reference.reshape(1), rtol=1e-5, atol=1e-6)
@@ -172,7 +172,7 @@ def test_compute_loss_func_gives_each_examples_loss(tmp_path, one_thread):
                           data_collator=pad_collator, compute_loss_func=doubled_causal_loss)
     batch = pad_collator([train[i] for i in (0, 1, 60)])
     with torch.no_grad():
-        ours = trainer._losses(params_of(trainer), batch)
+        ours = trainer._losses(params_of(trainer), batch, trainer._packing(batch))
         plain = per_example_losses(trainer.model(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"])
     torch.testing.assert_close(ours, 2.0 * plain, rtol=1e-5, atol=1e-6)
 
@@ -182,12 +182,12 @@ def test_token_normalisation_is_the_models_token_mean(tmp_path, one_thread):
     train, _ = variable_length_domains()
     batch = pad_collator([train[i] for i in (0, 1, 60, 61)])
     with torch.no_grad():
-        ours = trainer._losses(params_of(trainer), batch).mean()
+        ours = trainer._losses(params_of(trainer), batch, trainer._packing(batch)).mean()
         model_loss = trainer.model(**batch).loss  # transformers' causal LM loss: mean over all target tokens
     torch.testing.assert_close(ours, model_loss, rtol=1e-5, atol=1e-6)
     sequence = trainer_for_losses(tmp_path / "sequence")
     with torch.no_grad():
-        assert not torch.allclose(sequence._losses(params_of(sequence), batch).mean(), model_loss)
+        assert not torch.allclose(sequence._losses(params_of(sequence), batch, sequence._packing(batch)).mean(), model_loss)
 
 
 def test_token_normalisation_counts_the_whole_optimizer_step(tmp_path, one_thread):
@@ -199,6 +199,18 @@ def test_token_normalisation_counts_the_whole_optimizer_step(tmp_path, one_threa
     total = sum(float(target_counts(b["labels"]).sum()) for b in batches)
     assert trainer._tokens_per_micro_batch == total / 2
     with torch.no_grad():
-        step_loss = sum(trainer._losses(params_of(trainer), b, trainer._tokens_per_micro_batch).mean() for b in batches) / 2
+        step_loss = sum(trainer._losses(params_of(trainer), b, trainer._packing(b), trainer._tokens_per_micro_batch).mean() for b in batches) / 2
         token_sum = sum(trainer.model(**b).loss * target_counts(b["labels"]).sum() for b in batches)
     torch.testing.assert_close(step_loss, token_sum / total, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_rows_for_an_encoder_decoder_are_refused(tmp_path, one_thread):
+    from tests.test_model_families import FAMILIES
+
+    rows = {"input_ids": [[5, 6, 7, 8]] * 4, "labels": [[5, 6, 7, 8]] * 4, "domain": ["a", "b"] * 2}
+    data = datasets.Dataset.from_dict(rows)
+    trainer = BROSTrainer(model=FAMILIES["t5"](), args=make_args(tmp_path, max_steps=1, remove_unused_columns=False),
+                          train_dataset=data, upper_dataset=data)
+    flat = DataCollatorWithFlattening()([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}] * 2)
+    with pytest.raises(ValueError, match="only supported for decoder-only models; T5ForConditionalGeneration"):
+        trainer._packing({**flat, KEY_COLUMN: torch.tensor([0, 1])})
