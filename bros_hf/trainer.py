@@ -509,6 +509,13 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         """Where the examples are when rows hold several (padding-free / packed batches: ``position_ids``
         restart inside a row), else None; computed once per batch, for all of its passes. With keys (training
         batches) every key must have its segment; segments past the last key must be padding (no target tokens)."""
+        if "labels" not in inputs:
+            raise ValueError(
+                "Bilevel training needs `labels` in every training and upper batch (per-example losses for g and "
+                f"f); this batch has {sorted(k for k in inputs if k != KEY_COLUMN)}. Add a labels column (causal LM: "
+                "labels = input_ids, e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)) or a collator that "
+                "builds it."
+            )
         labels, keys = inputs["labels"], inputs.get(KEY_COLUMN)
         if "position_ids" not in inputs or labels.dim() != 2:
             if keys is not None and keys.numel() > labels.shape[0] and labels.dim() == 2:
@@ -552,13 +559,6 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         :meth:`_packing` of ``inputs``. With ``loss_normalization="token"``, ℓ_i · n_i · B / N, N =
         ``tokens_per_batch`` (default: this batch's n)."""
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", KEY_COLUMN)}
-        if "labels" not in inputs:
-            raise ValueError(
-                "Bilevel training needs `labels` in every training and upper batch (per-example losses for g and "
-                f"f); this batch has {sorted(k for k in inputs if k != KEY_COLUMN)}. Add a labels column (causal LM: "
-                "labels = input_ids, e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)) or a collator that "
-                "builds it."
-            )
         model = self._bilevel_model()
         if self._is_encoder_decoder() and "decoder_input_ids" not in model_inputs:
             # Encoder-decoders build the decoder's inputs from the labels they are given; the labels stay out
