@@ -307,13 +307,10 @@ class BROSConfig(TrainingArguments):
             )
         return DOMAIN_LOGIT_TRAVEL / max(steps - self.upper_warmup_steps, 1)
 
-    def _half_precision(self, half_precision: bool | None) -> bool:
-        return self.bf16 if half_precision is None else half_precision
-
-    def resolved_hessian_mode(self, half_precision: bool | None = None) -> str:
+    def resolved_hessian_mode(self) -> str:
         """``hessian_mode`` with "auto" decided: finite differences, in every precision (in bf16 with the larger
         step of :meth:`resolved_finite_difference_eps`, which keeps the memory of a plain backward where double
-        backward needs about twice it). ``half_precision`` as in :meth:`resolved_finite_difference_eps`."""
+        backward needs about twice it)."""
         return "finite_difference" if self.hessian_mode == "auto" else self.hessian_mode
 
     def resolved_finite_difference_eps(self, half_precision: bool | None = None) -> float:
@@ -321,19 +318,20 @@ class BROSConfig(TrainingArguments):
         (the Accelerator's mixed precision or half-precision weights; default: ``bf16``)."""
         if self.finite_difference_eps is not None:
             return self.finite_difference_eps
-        return DEFAULT_FD_EPS_HALF_PRECISION if self._half_precision(half_precision) else DEFAULT_FD_EPS
+        half = self.bf16 if half_precision is None else half_precision
+        return DEFAULT_FD_EPS_HALF_PRECISION if half else DEFAULT_FD_EPS
 
     def bilevel_hyperparameters(
         self, half_precision: bool | None = None, num_training_steps: int | None = None
     ) -> BilevelHyperparameters:
         """The solver's view of this config (raises ValueError on invalid values); ``half_precision`` as in
-        :meth:`resolved_hessian_mode`, ``num_training_steps`` as in :meth:`resolved_upper_learning_rate`."""
+        :meth:`resolved_finite_difference_eps`, ``num_training_steps`` as in :meth:`resolved_upper_learning_rate`."""
         return BilevelHyperparameters(
             method=self.bilevel_method,
             rank=self.subspace_rank,
             sketch=self.sketch_kind,
             resample_every=self.sketch_resample_interval,
-            hessian_mode=self.resolved_hessian_mode(half_precision),
+            hessian_mode=self.resolved_hessian_mode(),
             aux_lr=self.aux_learning_rate,
             aux_step_scaling=self.aux_step_scaling,
             upper_lr=self.resolved_upper_learning_rate(num_training_steps),
