@@ -95,6 +95,19 @@ def setup_logging(logger: logging.Logger, args: TrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(level)
 
 
+def set_cpu_threads(logger: logging.Logger, requested: int | None, args: TrainingArguments, config_built: bool) -> None:
+    """torch intra-op threads when training on CPU: ``requested``, else OMP_NUM_THREADS if set (torch reads it),
+    else 1 for a config-built model (tiny matrices: extra threads only add OpenMP overhead), else torch's default."""
+    if not (args.use_cpu or not torch.cuda.is_available()):
+        return
+    threads = requested
+    if threads is None and "OMP_NUM_THREADS" not in os.environ and config_built:
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+        logger.info("Using %d CPU thread(s) per process.", threads)
+
+
 def close_process_group() -> None:
     """Destroy the torch.distributed process group, if any, before the interpreter exits (a gloo group
     left to interpreter teardown can abort a finished rank: "terminate called without an active exception")."""

@@ -77,7 +77,13 @@ from bros_hf import BROSConfig, BROSTrainer
 from bros_hf.export import write_json_atomic
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules, also when loaded by path
-from _common import close_process_group, explained_hub_errors, parse_with_defaults, setup_logging  # noqa: E402
+from _common import (  # noqa: E402
+    close_process_group,
+    explained_hub_errors,
+    parse_with_defaults,
+    set_cpu_threads,
+    setup_logging,
+)
 from local_corpus import build_local_corpus, tokenize_and_group, train_bpe_tokenizer  # noqa: E402
 
 logger = logging.getLogger("lm_data_mixture")
@@ -841,13 +847,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError("This recipe learns a domain mixture: upper_level must be 'domain'.")
     logger.info("Model %s\nData %s", model_args, data_args)
     cache = resolve_cache_dir(data_args)
-    if training_args.use_cpu or not torch.cuda.is_available():
-        threads = model_args.cpu_threads
-        if threads is None and "OMP_NUM_THREADS" not in os.environ and model_args.model_name_or_path is None:
-            threads = 1
-        if threads is not None:
-            torch.set_num_threads(threads)
-            logger.info("Using %d CPU thread(s) per process.", threads)
+    set_cpu_threads(logger, model_args.cpu_threads, training_args, config_built=model_args.model_name_or_path is None)
 
     # ---- data (rank 0 builds the caches first, the other ranks then load them)
     with training_args.main_process_first(desc="corpus, tokenizer and blocks"):

@@ -76,7 +76,13 @@ from bros_hf.sft import BROSSFTConfig, BROSSFTTrainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules, also when loaded by path
 import _common  # noqa: E402
-from _common import close_process_group, explained_hub_errors, parse_with_defaults, setup_logging  # noqa: E402
+from _common import (  # noqa: E402
+    close_process_group,
+    explained_hub_errors,
+    parse_with_defaults,
+    set_cpu_threads,
+    setup_logging,
+)
 
 logger = logging.getLogger("sft_data_mixture")
 
@@ -443,12 +449,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging(logger, training_args)
     if training_args.upper_level != "domain":
         raise ValueError("This recipe learns a domain mixture: upper_level must be 'domain'.")
-    if training_args.use_cpu or not torch.cuda.is_available():
-        threads = model_args.cpu_threads
-        if threads is None and "OMP_NUM_THREADS" not in os.environ and model_args.model_name_or_path is None:
-            threads = 1
-        if threads is not None:
-            torch.set_num_threads(threads)
+    set_cpu_threads(logger, model_args.cpu_threads, training_args, config_built=model_args.model_name_or_path is None)
 
     splits = load_data(data_args, training_args)
     model, tokenizer = build_model_and_tokenizer(model_args, training_args)
