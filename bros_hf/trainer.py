@@ -463,6 +463,12 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         """ℓ_i = compute_loss_func(outputs of example i, labels of example i): the Trainer's hook returns one
         number per batch, so it is called on every example alone (B calls on slices of the outputs)."""
         size = labels.shape[0]
+        if not isinstance(outputs, Mapping):  # ModelOutput and dicts are Mappings
+            raise ValueError(
+                f"compute_loss_func needs the model's outputs as a dict or ModelOutput to slice them per example; "
+                f"the model returned {type(outputs).__name__}. Return a dict with 'logits', or override "
+                "BROSTrainer.per_example_loss instead of passing compute_loss_func."
+            )
 
         def example(i: int) -> Any:
             sliced = {

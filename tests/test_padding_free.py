@@ -214,3 +214,12 @@ def test_packed_rows_for_an_encoder_decoder_are_refused(tmp_path, one_thread):
     flat = DataCollatorWithFlattening()([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}] * 2)
     with pytest.raises(ValueError, match="only supported for decoder-only models; T5ForConditionalGeneration"):
         trainer._packing({**flat, KEY_COLUMN: torch.tensor([0, 1])})
+
+
+def test_compute_loss_func_on_outputs_that_cannot_be_sliced_is_an_error(tmp_path, one_thread):
+    train, target = variable_length_domains()
+    args = make_args(tmp_path, max_steps=1, remove_unused_columns=False)
+    trainer = BROSTrainer(model=tiny_llama(), args=args, train_dataset=train, upper_dataset=target,
+                          data_collator=pad_collator, compute_loss_func=lambda outputs, labels, **_: outputs.sum())
+    with pytest.raises(ValueError, match="needs the model's outputs as a dict or ModelOutput.*returned Tensor"):
+        trainer.per_example_loss(torch.zeros(2, 5, VOCAB), torch.zeros(2, 5, dtype=torch.long))
