@@ -6,7 +6,7 @@
 BROSTrainer with the package defaults and ``bf16=True`` (autocast; on CPU here), on the known-answer mixture
 tasks of :mod:`benchmarks.mixture_tasks`, once per mode: ``autograd`` (double backward, exact in the same
 precision), ``finite_difference`` at the bf16 default step (``DEFAULT_FD_EPS_HALF_PRECISION``) and at the fp32
-default (``DEFAULT_FD_EPS``). Reports the total variation of the learned mixture to the known optimum w* (lower
+default (``DEFAULT_FD_EPS``), and an fp32 reference run (finite differences at the fp32 default). Reports the total variation of the learned mixture to the known optimum w* (lower
 is better) and the run time; writes ``DIR/bf16_mixtures.json``. This is where ``hessian_mode="auto"`` takes
 finite differences in bf16 too, with the larger step.
 """
@@ -33,6 +33,7 @@ MODES: dict[str, dict[str, Any]] = {
     "autograd": dict(hessian_mode="autograd"),
     "fd (bf16 default step)": dict(hessian_mode="finite_difference", finite_difference_eps=DEFAULT_FD_EPS_HALF_PRECISION),
     "fd (fp32 default step)": dict(hessian_mode="finite_difference", finite_difference_eps=DEFAULT_FD_EPS),
+    "fp32 fd (reference)": dict(bf16=False, hessian_mode="finite_difference", finite_difference_eps=DEFAULT_FD_EPS),
 }
 
 
@@ -43,9 +44,8 @@ def learn_mixture(task_name: str, mode: str, seed: int, workdir: str, quick: boo
         output_dir=os.path.join(workdir, f"{task_name}-{seed}"),
         upper_level="domain",
         domains=list(task.domains),
-        bf16=True,
         **lower_settings(task, seed),
-        **MODES[mode],
+        **{"bf16": True, **MODES[mode]},
     )
     trainer = BROSTrainer(model=task.make_model(seed), args=args, train_dataset=task.train,
                           upper_dataset=task.target, data_collator=collate)
