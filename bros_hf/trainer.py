@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import os
 import warnings
 from collections import defaultdict
@@ -38,6 +37,7 @@ from bros_hf.checkpointing import AtomicCheckpointMixin
 from bros_hf.config import BROSConfig
 from bros_hf.core.engine import BilevelEngine, StepStatistics, Terms, make_lower_loss
 from bros_hf.core.estimators import global_norm
+from bros_hf.core.lowrank import InstalledParameters
 from bros_hf.core.upper import DomainMixture, SampleWeights, UpperVariable
 from bros_hf.data import (
     KEY_COLUMN,
@@ -150,9 +150,11 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         self._num_training_steps: int | None = None  # set by create_optimizer_and_scheduler
         self._tokens_per_micro_batch: float | None = None  # loss_normalization="token": N / (processes · micro-batches)
         self._packed_attention_checked = False
-        self.mixture_history: list[list[float]] = []
-        # As TRL's trainers keep them: the bilevel metrics come from training steps only.
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._mixture_history: list[list[float]] = []
+        self._unread_mixtures: list[Tensor] = []  # w of the steps since mixture_history was last read
+        # As TRL's trainers keep them: the bilevel metrics come from training steps only. Values are floats or
+        # 0-dim tensors on the device, read (one synchronisation) when the Trainer logs.
+        self._metrics: dict[str, dict[str, list[float | Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.add_callback(WeightsExportCallback(self._export_at_end))
 
     # ------------------------------------------------------------------ setup and validation
@@ -575,7 +577,10 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             # reading packed examples' boundaries from position_ids (attention would leak between them).
             model_inputs.setdefault("use_cache", False)
         with self.compute_loss_context_manager():
-            outputs = functional_call(model, dict(params), args=(), kwargs=model_inputs, strict=False)
+            if isinstance(params, InstalledParameters):  # the perturber has put them in the model already
+                outputs = model(**model_inputs)
+            else:
+                outputs = functional_call(model, dict(params), args=(), kwargs=model_inputs, strict=False)
         labels = inputs["labels"]
         if packing is None:
             losses = self.per_example_loss(outputs, labels)
@@ -654,7 +659,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             )
         scale = 1.0 / self.current_gradient_accumulation_steps
         share = terms.accumulation_share(scale)
-        self._accumulated = share if self._accumulated is None else self._accumulated + share
+        self._accumulated = share if self._accumulated is None else self._accumulated.add_(share)
         if self._domain_monitor is not None:  # presence counts, all-reduced with the terms
             counts = torch.bincount(keys, minlength=len(self.domains)).float() * scale
             self._domain_counts = counts if self._domain_counts is None else self._domain_counts + counts
@@ -701,47 +706,72 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         if stats.skipped:
             warnings.warn(
                 f"Non-finite bilevel quantities at optimizer step {self.state.global_step + 1} (lower loss "
-                f"{stats.lower_loss}, upper loss {stats.upper_loss}): skipping the lower, auxiliary and upper "
+                f"{float(stats.lower_loss)}, upper loss {float(stats.upper_loss)}): skipping the lower, auxiliary and upper "
                 "updates of this step. Look for NaN/inf in that step's training or upper batch; if the losses "
                 "overflow, lower learning_rate / aux_learning_rate or train in bf16 instead of fp16.",
                 RuntimeWarning,
                 stacklevel=2,
             )
+        weights = self.upper.weights().detach()
         if self.args.upper_level == "domain":
-            self.mixture_history.append(self.upper.weights().tolist())
-        self._record_metrics(stats)
+            weights = weights.clone()  # K numbers, kept for the history
+            self._unread_mixtures.append(weights)
+        self._record_metrics(stats, weights)
+
+    @property
+    def mixture_history(self) -> list[list[float]]:
+        """Domain mode: the mixture w after every optimizer step, one list per step (read from the device
+        when asked for, not every step)."""
+        if self._unread_mixtures:
+            self._mixture_history.extend(torch.stack(self._unread_mixtures).cpu().tolist())
+            self._unread_mixtures.clear()
+        return self._mixture_history
+
+    @mixture_history.setter
+    def mixture_history(self, history: list[list[float]]) -> None:
+        self._mixture_history, self._unread_mixtures = list(history), []
 
     def _hand_to_optimizer(self, grad: dict[str, Tensor] | None) -> None:
         """The lower update of :meth:`BilevelEngine.apply`: Uᵀ∇g becomes the coordinates' ``.grad`` for the
         Trainer's optimizer step (``None`` on a skipped step: no update, no fold into θ)."""
         self._skip_lower = grad is None
         for name, coordinate in self._coordinates.items():
-            coordinate.grad = None if grad is None else grad[name].to(coordinate.dtype)
+            # Contiguous: torch 2.13's fused CPU AdamW (the Trainer's default optim) reads a strided gradient's
+            # storage as if it were contiguous, silently updating with the wrong entries.
+            coordinate.grad = None if grad is None else grad[name].to(coordinate.dtype).contiguous()
 
-    def _record_metrics(self, stats: StepStatistics) -> None:
+    def _record_metrics(self, stats: StepStatistics, weights: Tensor) -> None:
+        """This step's metrics as device tensors (no synchronisation; :meth:`log` reads them); ``weights``: w."""
         m = self._metrics["train"]
         m["bilevel/upper_loss"].append(stats.upper_loss)
         m["bilevel/lower_loss"].append(stats.lower_loss)
         m["bilevel/hypergrad_norm"].append(stats.hypergradient_norm)
-        m["bilevel/z_norm"].append(stats.z_norm)
         m["bilevel/skipped_steps"].append(1.0 if stats.skipped else 0.0)
         if self.args.upper_level == "domain":
-            for name, weight in self.upper.as_dict().items():
-                m[f"mixture/{name}"].append(weight)
+            m["mixture"].append(weights)
         else:
-            weights = self.upper.weights()
-            m["sample_weights/mean"].append(float(weights.mean()))
-            m["sample_weights/min"].append(float(weights.min()))
+            m["sample_weights/mean"].append(weights.mean())
+            m["sample_weights/min"].append(weights.min())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the bilevel metrics (already averaged over processes), averaged since the last training log, to
-        training logs only: evaluation logs (``eval_*`` keys) keep just the evaluation's metrics."""
+        training logs only: evaluation logs (``eval_*`` keys) keep just the evaluation's metrics. ``bilevel/z_norm``
+        is ‖z‖ at the logging step (computed here, not every step)."""
         is_evaluation = any(key.startswith("eval_") for key in logs)
         if not is_evaluation:
-            for key, values in self._metrics["train"].items():
-                finite = [v for v in values if math.isfinite(v)]
-                logs[key] = sum(finite) / len(finite) if finite else float("nan")
-            self._metrics["train"].clear()
+            recorded = self._metrics["train"]
+            for key, values in recorded.items():
+                device = self.args.device
+                readings = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in values]).cpu()
+                finite = readings[torch.isfinite(readings).all(dim=-1) if readings.dim() > 1 else torch.isfinite(readings)]
+                mean = finite.mean(dim=0) if len(finite) else torch.full(readings.shape[1:], float("nan"))
+                if key == "mixture":
+                    logs.update({f"mixture/{name}": float(w) for name, w in zip(self.domains, mean, strict=True)})
+                else:
+                    logs[key] = float(mean)
+            if recorded and self.engine is not None:
+                logs["bilevel/z_norm"] = float(global_norm(self.engine.z))
+            recorded.clear()
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ results
@@ -865,10 +895,15 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             self._write_extra_files(output_dir)
 
     def _replicated_state(self) -> dict[str, Mapping[str, Tensor]]:
-        """λ, h, z and θ: every process computes them from all-reduced terms, so they must agree bit for bit."""
+        """λ, h, z and θ: every process computes them from all-reduced terms, so they must agree bit for bit; and
+        the sketches P, Q, which every process draws from its own generator on its own device."""
         if self.engine is None:
             return {}
+        sketches = {"P": self.engine.sketch_p, "Q": self.engine.sketch_q}
         return {
+            "P, Q (engine sketches)": {
+                f"{label}.{n}": m for label, sketch in sketches.items() for n, m in sketch.matrices.items() if m is not None
+            },
             "λ (upper.logits)": {"logits": self.upper.logits},
             "h (upper.momentum)": {"momentum": self.upper.momentum},
             "z (engine.z)": self.engine.z,

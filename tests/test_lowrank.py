@@ -164,3 +164,36 @@ def test_first_order_pass_saves_no_more_than_a_plain_training_step():
         plain = _saved_activation_bytes(plain_step, params)
         hooked = _saved_activation_bytes(hooked_pass, params)
     assert hooked <= plain, (hooked / 2**20, plain / 2**20)
+
+
+def test_constant_shift_is_added_in_place_into_the_layer_output():
+    """First-order passes add c·Δy of the direction inside the layer's own output tensor (no output-sized Δy or
+    y + Δy: at a 50k-token vocabulary each is a logits-sized buffer), with the same values and the same
+    gradient to x as adding Δy out of place; views and leaves are copied first instead."""
+    from bros_hf.core.lowrank import _LowRankTerms
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 40, bias=False)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    basis, coords = torch.randn(12, 4), torch.randn(40, 4)
+    probe_basis, probe = torch.randn(12, 4), torch.zeros(40, 4, requires_grad=True)
+
+    output = layer(x)
+    pointer = output.data_ptr()
+    shifted = _LowRankTerms.apply(output, x, layer, [probe_basis, basis], [0.5 * coords], probe)
+    assert shifted.data_ptr() == pointer
+    grad_out = torch.randn_like(shifted)
+    grad_x, grad_probe = torch.autograd.grad(shifted, (x, probe), grad_out)
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    probe_ref = torch.zeros(40, 4, requires_grad=True)
+    weight = layer.weight.detach() + 0.5 * coords @ basis.T + probe_ref @ probe_basis.T
+    reference = torch.nn.functional.linear(x_ref, weight)
+    torch.testing.assert_close(shifted.detach(), reference.detach())
+    ref_x, ref_probe = torch.autograd.grad(reference, (x_ref, probe_ref), grad_out)
+    torch.testing.assert_close(grad_probe, ref_probe)
+    # x's gradient through the layer itself (W) is autograd's; the shift's part is the node's.
+    torch.testing.assert_close(grad_x, ref_x, rtol=1e-5, atol=1e-5)
+
+    view = layer(x).view(15, 40)
+    assert _LowRankTerms.apply(view, x, layer, [basis], [coords]).data_ptr() != view.data_ptr()

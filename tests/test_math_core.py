@@ -105,6 +105,35 @@ def test_sketch_shapes_and_which_tensors_are_sketched():
         assert torch.equal(projected[name], params[name])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_expanded_in_place_equals_adding_the_expanded_tensor(dtype):
+    """θ + α P a through addmm_ on a view (no full-size P a) is θ + α expand(a), for sketched, full-space and
+    non-contiguous tensors, in the target's dtype."""
+    params, rank = _toy_params(), 8
+    params["transposed.weight"] = torch.randn(20, 6).T  # non-contiguous: takes the expanded tensor
+    sketch = Sketch.sample(params, rank, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(3)
+    for name, p in params.items():
+        coords = torch.randn(sketch.coordinate_shape(name, p), generator=gen)
+        target = p.to(dtype)
+        expected = (p + 0.3 * sketch.expand_one(name, coords, p.shape)).to(dtype)
+        before = target.data_ptr()
+        sketch.add_expanded_(name, target, coords, alpha=0.3)
+        assert target.dtype == dtype and target.data_ptr() == before
+        tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+        torch.testing.assert_close(target, expected, **tolerance)
+
+
+def test_one_draw_for_all_matrices_is_the_per_tensor_stream():
+    """Sketch.sample draws every matrix in one call: the same numbers as one draw per tensor in order."""
+    params, rank = _toy_params(), 4
+    sketch = Sketch.sample(params, rank, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    for name, p in params.items():
+        if is_sketched(p, rank):
+            torch.testing.assert_close(sketch.matrices[name], random_matrix(p[0].numel(), rank, gen), rtol=0, atol=0)
+
+
 def test_identity_sketch_is_exact_pass_through():
     params = _toy_params()
     sketch = Sketch.identity(params)
@@ -549,9 +578,17 @@ def test_auxiliary_residual_gives_the_same_step():
         cross=torch.tensor([0.3, -0.1]),
     )
     halves = [terms.accumulation_share(0.5) for _ in range(2)]
+    hessian_before = {n: h.clone() for n, h in terms.hessian_action.items()}
+    whole = terms.accumulation_share(1.0)
+    assert all(whole.lower_grad[n].data_ptr() == terms.lower_grad[n].data_ptr() for n in params)  # not copied
+    for name, h in terms.hessian_action.items():  # ... but the residual is a new tensor
+        assert torch.equal(h, hessian_before[name])
+    three = engine()
     one.apply(terms, one.sgd(0.1))
     two.apply(halves[0] + halves[1], two.sgd(0.1))
-    for name in params:
-        torch.testing.assert_close(one.z[name], two.z[name])
-        torch.testing.assert_close(one.params[name], two.params[name])
-    torch.testing.assert_close(one.upper.logits, two.upper.logits)
+    three.apply(halves[0].add_(halves[1]), three.sgd(0.1))
+    for engine_ in (two, three):
+        for name in params:
+            torch.testing.assert_close(one.z[name], engine_.z[name])
+            torch.testing.assert_close(one.params[name], engine_.params[name])
+        torch.testing.assert_close(one.upper.logits, engine_.upper.logits)

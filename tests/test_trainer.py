@@ -119,6 +119,20 @@ def test_gradient_accumulation_matches_larger_batch(tmp_path, toy, mode):
         torch.testing.assert_close(p_acc, p_big, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_fused_and_unfused_adamw_take_the_same_lower_steps(tmp_path, toy):
+    """The Trainer's default optim (fused AdamW) and the unfused one move θ alike. Regression: a strided
+    coordinate gradient (a column view of the probes' shared buffer) made torch's fused CPU kernel read the
+    wrong entries, silently (found as diverging DDP ranks)."""
+    runs = [
+        train(make_args(tmp_path / optim, max_steps=3, optim=optim, sketch_resample_interval=40), *toy)
+        for optim in ("adamw_torch_fused", "adamw_torch")
+    ]
+    for (name, fused), (_, unfused) in zip(
+        runs[0].model.named_parameters(), runs[1].model.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
 def test_resume_reproduces_uninterrupted_run(tmp_path, toy, optim):
     common = dict(max_steps=30, save_strategy="steps", save_steps=10, optim=optim, sketch_resample_interval=4)

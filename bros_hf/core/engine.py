@@ -9,8 +9,8 @@ Per step k, with lower batch ξ and upper batch ζ (docs/method.md):
 
 ``upper_rule="normalized"`` (the default of ``BROSConfig``) replaces the last line by a scale-free
 exponentiated-gradient step on the weights (:mod:`bros_hf.core.upper`). ``method="masoba"`` is the same code with identity sketches (S_U = S_P = S_Q = I). ``method="bros"``
-draws independent Rademacher (or Gaussian) P, Q every step from a seeded CPU generator, identical on
-every process: each auxiliary step is then the unbiased bi-probe step the method analyses. The
+draws independent Rademacher (or Gaussian) P, Q every step from a generator seeded identically on every
+process, on the parameters' device (rank identity is checked at every checkpoint save by the Trainer): each auxiliary step is then the unbiased bi-probe step the method analyses. The
 lower update runs in U = P when ``resample_every`` = 1 (the analysed method), else in its own
 subspace U, redrawn every ``resample_every`` steps: the lower optimizer (e.g. Adam) keeps its state
 in U's coordinates between redraws, which it needs to make progress (see the README's numbers).
@@ -21,6 +21,7 @@ the default) because the variance of S_P H S_Q grows like (n / r)²; full-space 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -94,6 +95,8 @@ class Terms:
     ``lower_grad`` = Uᵀ∇_θ g(λ, θ; ξ), ``hessian_action`` = Pᵀ H S_Q z, ``upper_grad`` = Pᵀ∇_θ f(θ; ζ),
     ``cross`` = ∂_λ⟨∇_θ g, S_Q z⟩ (so D = −cross), and the two losses. Terms of several micro-batches
     (or processes) combine linearly: ``sum(t.scaled(1 / n) for t in micro_batches)`` is their mean.
+    An empty ``upper_grad`` means ``hessian_action`` already holds the residual Pᵀ H S_Q z − Pᵀ∇f
+    (:meth:`accumulation_share`).
     """
 
     lower_loss: Tensor
@@ -134,38 +137,50 @@ class Terms:
 
     def accumulation_share(self, factor: float) -> Terms:
         """:meth:`scaled` by ``factor``, with ``hessian_action`` replaced by the auxiliary residual
-        Pᵀ H S_Q z − Pᵀ∇f and ``upper_grad`` by zeros. z's update uses only that difference
+        Pᵀ H S_Q z − Pᵀ∇f and ``upper_grad`` left empty. z's update uses only that difference
         (:meth:`BilevelEngine.update_auxiliary`) and means commute with it, so accumulating and all-reducing the
-        residual gives the same step with one new tensor per parameter and term where :meth:`scaled` makes
-        three: less memory across micro-batches, fewer bytes between processes."""
+        residual gives the same step with one new tensor per parameter where :meth:`scaled` makes two: less
+        memory across micro-batches, fewer bytes between processes. float32 terms with ``factor`` 1 (no
+        accumulation) are taken as they are, not copied: the passes made them and nothing else holds them."""
 
         def share(t: Tensor) -> Tensor:
-            return t.detach().float() * factor
+            t = t.detach()
+            return t if factor == 1.0 and t.dtype == torch.float32 else t.float() * factor
 
         residual = {
             n: torch.sub(h.detach().float(), self.upper_grad[n].detach().float()).mul_(factor)
             for n, h in self.hessian_action.items()
         }
-        zeros = {n: g.new_zeros((), dtype=torch.float32) for n, g in self.upper_grad.items()}
         lower_grad = {n: share(g) for n, g in self.lower_grad.items()}
-        return Terms(share(self.lower_loss), share(self.upper_loss), lower_grad, residual, zeros, share(self.cross))
+        return Terms(share(self.lower_loss), share(self.upper_loss), lower_grad, residual, {}, share(self.cross))
 
     def __add__(self, other: Terms) -> Terms:
         mine, theirs = self.groups(), other.groups()
         return Terms.from_groups({g: {n: t + theirs[g][n] for n, t in ts.items()} for g, ts in mine.items()})
 
+    def add_(self, other: Terms) -> Terms:
+        """``self += other``, tensor by tensor in place (accumulating micro-batches without new buffers)."""
+        theirs = other.groups()
+        for group, tensors in self.groups().items():
+            for name, tensor in tensors.items():
+                tensor.add_(theirs[group][name])
+        return self
+
     def is_finite(self) -> bool:
-        """True when every entry of every term is finite (one host synchronisation)."""
-        checks = [torch.isfinite(t).all() for ts in self.groups().values() for t in ts.values()]
-        return bool(torch.stack(checks).all())
+        """True when every entry of every term is finite: the largest |entry| over all terms (a NaN anywhere makes
+        it NaN) from torch's fused per-device norms, then one host synchronisation."""
+        tensors = [t for ts in self.groups().values() for t in ts.values()]
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf)))
 
 
 @dataclass
 class StepStatistics:
-    lower_loss: float
-    upper_loss: float
-    hypergradient_norm: float
-    z_norm: float
+    """What a step reports, as 0-dim tensors on the terms' device: reading them (``float()``) synchronises
+    with the device, so loops read them only when they log. ``hypergradient_norm`` is NaN on a skipped step."""
+
+    lower_loss: Tensor
+    upper_loss: Tensor
+    hypergradient_norm: Tensor
     skipped: bool
 
 
@@ -198,7 +213,8 @@ class BilevelEngine:
         self.perturber = perturber
         self.upper = upper
         self.hparams = hparams
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
+        self.generator = torch.Generator(device=device).manual_seed(seed)
         self.z = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
         self.step_count = 0
         self.sketch_p = Sketch.identity(self.params)
@@ -268,16 +284,19 @@ class BilevelEngine:
     def update_auxiliary(
         self, hessian_action: Mapping[str, Tensor], upper_grad: Mapping[str, Tensor]
     ) -> None:
-        """z ← Π_R(z − γ_n P (Pᵀ H Q Qᵀ z − Pᵀ∇f)); all arguments are P-coordinates."""
+        """z ← Π_R(z − γ_n P (Pᵀ H Q Qᵀ z − Pᵀ∇f)); all arguments are P-coordinates (empty ``upper_grad``:
+        ``hessian_action`` is already the residual). Sketched tensors are updated in place through
+        ``addmm_`` on a view of z, so no full-size P·residual is formed."""
         for name, z in self.z.items():
-            residual = hessian_action[name].float() - upper_grad[name].float()
-            z.sub_(self.sketch_p.expand_one(name, residual, z.shape), alpha=self.aux_step_size(name))
+            gamma = self.aux_step_size(name)
+            self.sketch_p.add_expanded_(name, z, hessian_action[name], alpha=-gamma)
+            if name in upper_grad:
+                self.sketch_p.add_expanded_(name, z, upper_grad[name], alpha=gamma)
         radius = self.hparams.z_radius
-        if radius is not None:
-            norm = float(global_norm(self.z))
-            if norm > radius:
-                for z in self.z.values():
-                    z.mul_(radius / norm)
+        if radius is not None:  # z ← z · min(1, R / ‖z‖), on the device (no host synchronisation)
+            shrink = (radius / global_norm(self.z)).clamp_(max=1.0)
+            for z in self.z.values():
+                z.mul_(shrink.to(z.device))
 
     def update_upper(self, hypergradient: Tensor) -> bool:
         """h, λ update with D (skipped during the upper warm-up or when D is non-finite)."""
@@ -290,10 +309,9 @@ class BilevelEngine:
 
     @torch.no_grad()
     def apply_coordinates(self, deltas: Mapping[str, Tensor]) -> None:
-        """θ ← θ + U Δa for each tensor (the lower update, Δa from any optimizer in U's coordinates)."""
+        """θ ← θ + U Δa for each tensor (the lower update, Δa from any optimizer in U's coordinates), in place."""
         for name, delta in deltas.items():
-            param = self.params[name]
-            param.add_(self.sketch_u.expand_one(name, delta, param.shape).to(param.dtype))
+            self.sketch_u.add_expanded_(name, self.params[name], delta)
 
     # -- one step: terms, then updates ----------------------------------------------------------
     def compute_terms(self, lower_loss_fn: LowerLossFn, upper_loss_fn: LossFn) -> Terms:
@@ -332,13 +350,8 @@ class BilevelEngine:
         else:
             lower_update(None)
         self.end_step()
-        return StepStatistics(
-            lower_loss=float(terms.lower_loss),
-            upper_loss=float(terms.upper_loss),
-            hypergradient_norm=float(hypergradient.norm()) if finite else float("nan"),
-            z_norm=float(global_norm(self.z)),
-            skipped=not finite,
-        )
+        norm = hypergradient.norm() if finite else torch.full((), float("nan"), device=hypergradient.device)
+        return StepStatistics(terms.lower_loss, terms.upper_loss, norm, skipped=not finite)
 
     def sgd(self, lower_lr: float) -> LowerUpdate:
         """The lower update θ ← θ − β S_U ∇g (plain SGD in U's coordinates), for custom loops."""

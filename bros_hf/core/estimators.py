@@ -26,7 +26,6 @@ lets one pair of passes produce everything.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -58,9 +57,11 @@ class LowerPassResult:
 
 
 def global_norm(tensors: Mapping[str, Tensor]) -> Tensor:
-    """‖x‖₂ over all tensors of a dict, as a float32 scalar."""
-    norms = [t.detach().float().norm() for t in tensors.values()]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    """‖x‖₂ over all tensors of a dict, as a float32 scalar on their device (no host synchronisation, and
+    no float32 copy of half-precision tensors: torch's ``get_total_norm``, fused per device where it can)."""
+    if not tensors:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm([t.detach() for t in tensors.values()]).float()
 
 
 class _CommonRandomNumbers:
@@ -83,9 +84,11 @@ class SubspaceVector(NamedTuple):
     basis: Sketch
     coords: Mapping[str, Tensor]
 
-    def norm(self) -> float:
-        """‖B w‖₂ over all tensors, without forming B w (r×r Gram matrices)."""
-        return math.sqrt(sum(self.basis.expanded_norm_sq(n, w) for n, w in self.coords.items()))
+    def norm(self) -> Tensor:
+        """‖B w‖₂ over all tensors, without forming B w (r×r Gram matrices), as a float32 scalar (no host
+        synchronisation)."""
+        squares = [self.basis.expanded_norm_sq(n, w) for n, w in self.coords.items()]
+        return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
 
 
 Shift = tuple[Tensor | float, Sketch, Mapping[str, Tensor]]
@@ -369,7 +372,10 @@ def _lower_pass_finite_difference(
     """
     rng = _CommonRandomNumbers()
     sketches, lower_index, p_index = _probed(sketch_p, lower_sketch)
-    norm = direction.norm() if direction is not None else 0.0
+    norm, theta_norm = 0.0, 1.0
+    if direction is not None:  # one host synchronisation for both norms
+        direction_norm = direction.norm()
+        norm, theta_norm = torch.stack([direction_norm, global_norm(params).to(direction_norm.device)]).tolist()
     if norm == 0.0:
         with torch.set_grad_enabled(bool(sketches)):
             loss, grads, _ = _first_order(lower_loss_fn, lam, params, sketches, [], perturber, rng, False)
@@ -380,7 +386,7 @@ def _lower_pass_finite_difference(
         grad = None if lower_index is None else grads[lower_index]
         return LowerPassResult(loss=loss, grad=grad, hessian_action=hessian_action, cross=cross)
 
-    delta = fd_eps * max(float(global_norm(params)), 1.0) / norm
+    delta = fd_eps * max(theta_norm, 1.0) / norm
     skip = [
         _one_sided(sketches, lower_index, p_index) if i == lower_index else () for i in range(len(sketches))
     ]

@@ -13,9 +13,14 @@ W + w Bᵀ tensor is formed, none is saved for backward, and gradients with resp
 (Δy's backward never builds an [m, n] gradient).
 
 First-order passes also take a *probe*: coordinates a that are zero and only there for ∂g/∂a. Its
-term adds nothing to y and, since a = 0, nothing to ∂g/∂x either, so :class:`_ProbeGradient` skips
-both and computes only ∂g/∂a in backward (Linear: ∂g/∂yᵀ (x B); Conv1D: xᵀ (∂g/∂y B); Embedding:
-rows of ∂g/∂y B added at the ids), saving the output-size product (x B) aᵀ and the backward through it.
+term adds nothing to y and, since a = 0, nothing to ∂g/∂x either, so it is never formed: only ∂g/∂a is
+computed in backward (Linear: ∂g/∂yᵀ (x B); Conv1D: xᵀ (∂g/∂y B); Embedding: rows of ∂g/∂y B added at the
+ids), saving the output-size product (x B) aᵀ and the backward through it. In first-order passes (the
+finite-difference passes and the upper pass) the direction's shift is a constant, so one node per layer
+(:class:`_LowRankTerms`) adds every shift into the layer's own output in place (``addmm_``: no output-sized
+Δy, which for a language model head is a logits-sized buffer) and computes every probe's gradient from one
+product with all bases. Second-order passes (``hessian_mode="autograd"``), whose shift carries a graph, add
+Δy out of place (:func:`_delta`) and take each probe through :class:`_ProbeGradient`.
 
 Tensors not used that way are materialised as in :class:`~bros_hf.core.estimators.MaterializedPerturber`
 (θ + P a formed, then used by the module's own forward, which is right for any module): biases, norms,
@@ -102,6 +107,98 @@ class _ProbeGradient(torch.autograd.Function):
         return grad_out, grad_coords, None, None, None
 
 
+def _is_differentiable(scale: Tensor | float, coords: Tensor) -> bool:
+    return coords.requires_grad or (isinstance(scale, Tensor) and scale.requires_grad)
+
+
+class _LowRankTerms(torch.autograd.Function):
+    """y ↦ y + Σ_s c_s Δy_s for constant shifts (added in place, without forming Δy_s), with ∂g/∂a of the zero
+    probe coordinates computed in backward: one node per layer and pass, and one product with all bases at once.
+
+    ``bases`` holds the probes' bases then the shifts'; ``shifts`` the shifts' scaled coordinates c_s w_s (no
+    gradient: first-order passes, where the direction is a constant). With B = [B_1 … B_k] the probes' bases:
+
+    - Linear (y = x Wᵀ):    Δy_s = (x B_s)(c_s w_s)ᵀ;  ∂g/∂a = ∂g/∂yᵀ (x B);  ∂g/∂x += (∂g/∂y c_s w_s) B_sᵀ
+    - Conv1D (y = x W):     Δy_s = (x c_s w_s) B_sᵀ;   ∂g/∂a = xᵀ (∂g/∂y B);  ∂g/∂x += (∂g/∂y B_s)(c_s w_s)ᵀ
+    - Embedding (y = W[x]): Δy_s = (c_s w_s)[x] B_sᵀ;  ∂g/∂a = rows of ∂g/∂y B added at the ids
+    """
+
+    @staticmethod
+    def forward(ctx, output: Tensor, x: Tensor, module: nn.Module, bases: list[Tensor], shifts: list[Tensor],
+                *probe_coords: Tensor) -> Tensor:
+        dtype = output.dtype
+        n_probes = len(probe_coords)
+        probe_bases, shift_bases = bases[:n_probes], bases[n_probes:]
+        # In place only on a tensor of its own that autograd lets change (not a view, not a leaf requiring grad:
+        # transformers' enable_input_require_grads makes the input embeddings' output one).
+        own = not output._is_view() and not (output.is_leaf and output.requires_grad)
+        out = output if own else output.clone()
+        flat_out = out.view(-1, out.shape[-1])
+        if isinstance(module, nn.Linear):
+            projected = F.linear(x, torch.cat(bases, dim=1).T.to(x.dtype)).reshape(-1, sum(b.shape[1] for b in bases))
+            rank = sum(b.shape[1] for b in probe_bases)
+            for coords, piece in zip(shifts, projected[:, rank:].split([b.shape[1] for b in shift_bases], dim=1),
+                                     strict=True):
+                flat_out.addmm_(piece.to(dtype), coords.T.to(dtype))
+            saved = projected[:, :rank].contiguous()
+        elif isinstance(module, nn.Embedding):
+            for coords, basis in zip(shifts, shift_bases, strict=True):
+                flat_out.addmm_(F.embedding(x.reshape(-1), coords.to(dtype)), basis.T.to(dtype))
+            saved = x
+        else:  # transposed linear (Conv1D)
+            flat_x = x.reshape(-1, x.shape[-1])
+            for coords, basis in zip(shifts, shift_bases, strict=True):
+                flat_out.addmm_(flat_x @ coords.to(x.dtype), basis.T.to(dtype))
+            saved = x
+        if out is output and shifts:
+            ctx.mark_dirty(output)
+        ctx.save_for_backward(saved, *bases, *shifts)
+        ctx.module, ctx.n_probes, ctx.coords_dtypes = module, n_probes, [c.dtype for c in probe_coords]
+        ctx.n_bases = len(bases)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        saved, *rest = ctx.saved_tensors
+        bases, shifts = rest[: ctx.n_bases], rest[ctx.n_bases :]
+        probe_bases, shift_bases = bases[: ctx.n_probes], bases[ctx.n_probes :]
+        module, dtype = ctx.module, grad_out.dtype
+        flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_probes: list[Tensor] = []
+        if probe_bases:
+            widths = [b.shape[1] for b in probe_bases]
+            if isinstance(module, nn.Linear):
+                grads = flat_grad.T @ saved.to(dtype)
+            else:
+                rows = flat_grad @ torch.cat(probe_bases, dim=1).to(dtype)
+                if isinstance(module, nn.Embedding):
+                    grads = rows.new_zeros(module.num_embeddings, rows.shape[1]).index_add_(0, saved.reshape(-1), rows)
+                    if module.padding_idx is not None:
+                        grads[module.padding_idx] = 0
+                else:
+                    grads = saved.reshape(-1, saved.shape[-1]).to(dtype).T @ rows
+            # One contiguous tensor per probe (not column views of one buffer: they reach optimizers and all-reduces).
+            grad_probes = [
+                g.to(c).contiguous() for g, c in zip(grads.split(widths, dim=1), ctx.coords_dtypes, strict=True)
+            ]
+        grad_x = None
+        if shifts and ctx.needs_input_grad[1] and not isinstance(module, nn.Embedding):
+            for coords, basis in zip(shifts, shift_bases, strict=True):
+                if isinstance(module, nn.Linear):
+                    term = (flat_grad @ coords.to(dtype)) @ basis.T.to(dtype)
+                else:
+                    term = (flat_grad @ basis.to(dtype)) @ coords.T.to(dtype)
+                grad_x = term if grad_x is None else grad_x + term
+            grad_x = grad_x.reshape(*grad_out.shape[:-1], grad_x.shape[-1])
+        return grad_out, grad_x, None, None, None, *grad_probes
+
+
+class InstalledParameters(dict):
+    """The perturbed tensors a :class:`LowRankPerturber` context yields, which it has also installed in the model
+    for the whole context: a loss function may call the model directly instead of through ``functional_call``
+    (which would swap every tensor in and out a second time)."""
+
+
 class LowRankPerturber:
     """Perturber for an ``nn.Module``: low-rank terms through forward hooks where the layer allows it.
 
@@ -159,9 +256,13 @@ class LowRankPerturber:
             out[name] = value
 
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-            if module in per_module:
-                output = output + _delta(module, inputs, per_module[module]).to(output.dtype)
-            for matrix, coords in module_probes.get(module, ()):
+            shifts, probes_here = per_module.get(module, []), module_probes.get(module, [])
+            if not any(_is_differentiable(scale, coords) for scale, _, coords in shifts):
+                bases = [matrix for matrix, _ in probes_here] + [matrix for _, matrix, _ in shifts]
+                scaled = [scale * coords for scale, _, coords in shifts]
+                return _LowRankTerms.apply(output, inputs[0], module, bases, scaled, *(c for _, c in probes_here))
+            output = output + _delta(module, inputs, shifts).to(output.dtype)
+            for matrix, coords in probes_here:
                 output = _ProbeGradient.apply(output, coords, inputs[0], matrix, module)
             return output
 
@@ -172,7 +273,7 @@ class LowRankPerturber:
             # call has put the module's own parameters back. (functional_call is built on this context manager,
             # which has no public form.)
             with _reparametrize_module(self.model, out, tie_weights=True):
-                yield out
+                yield InstalledParameters(out)
         finally:
             for handle in handles:
                 handle.remove()

@@ -42,13 +42,13 @@ def random_matrix(n: int, rank: int, generator: torch.Generator, kind: SketchKin
     """Draw P ∈ R^{n×r} with E[P Pᵀ] = I.
 
     ``rademacher``: entries ±1/√r with equal probability. ``gaussian``: entries N(0, 1/r).
-    Drawn on the generator's device (use a CPU generator for bit-identical draws everywhere).
+    Drawn on the generator's device, in float32.
     """
     if kind == "rademacher":
-        signs = torch.randint(0, 2, (n, rank), generator=generator, device=generator.device)
-        return (signs.to(torch.float32) * 2.0 - 1.0) / math.sqrt(rank)
+        signs = torch.randint(0, 2, (n, rank), generator=generator, device=generator.device, dtype=torch.float32)
+        return signs.mul_(2.0 / math.sqrt(rank)).sub_(1.0 / math.sqrt(rank))
     if kind == "gaussian":
-        return torch.randn(n, rank, generator=generator, device=generator.device) / math.sqrt(rank)
+        return torch.randn(n, rank, generator=generator, device=generator.device).div_(math.sqrt(rank))
     raise ValueError(f"Unknown sketch kind {kind!r}: use 'rademacher' or 'gaussian'.")
 
 
@@ -76,16 +76,16 @@ class Sketch:
         generator: torch.Generator,
         kind: SketchKind = "rademacher",
     ) -> Sketch:
-        """Draw an independent P for every sketched tensor, in ``params`` order, from ``generator``."""
+        """Draw an independent P for every sketched tensor, in ``params`` order, from ``generator``.
+
+        All matrices come from one draw on the generator's device (one kernel, not one per tensor), as
+        views of one buffer; they are moved to their tensors' devices where those differ."""
         if rank < 1:
             raise ValueError(f"subspace rank must be ≥ 1, got {rank}.")
-        matrices: dict[str, Tensor | None] = {}
-        for name, tensor in params.items():
-            if is_sketched(tensor, rank):
-                matrices[name] = random_matrix(sketched_dim(tensor), rank, generator, kind).to(tensor.device)
-            else:
-                matrices[name] = None
-        return cls(matrices)
+        sketched = {name: sketched_dim(t) for name, t in params.items() if is_sketched(t, rank)}
+        flat = random_matrix(sum(sketched.values()), rank, generator, kind)
+        blocks = dict(zip(sketched, torch.split(flat, list(sketched.values())), strict=True))
+        return cls({name: blocks[name].to(t.device) if name in blocks else None for name, t in params.items()})
 
     def with_identity(self, names: Collection[str]) -> Sketch:
         """This sketch with P = I (full space) for ``names``; the other matrices are shared, not copied.
@@ -126,13 +126,25 @@ class Sketch:
             return coords
         return (coords @ matrix.to(coords.dtype).T).reshape(shape)
 
-    def expanded_norm_sq(self, name: str, coords: Tensor) -> float:
-        """‖P a‖²_F = tr(a (PᵀP) aᵀ) for one tensor, computed with the r×r Gram matrix."""
+    def add_expanded_(self, name: str, target: Tensor, coords: Tensor, alpha: float = 1.0) -> None:
+        """target ← target + alpha · P a for one tensor, in place and in target's dtype: ``addmm_`` on target
+        viewed as [m, n], so no full-size P a is formed (a non-contiguous target takes P a formed first)."""
         matrix = self.matrices[name]
         if matrix is None:
-            return float(coords.float().pow(2).sum())
+            target.add_(coords, alpha=alpha)
+        elif target.is_contiguous():
+            flat = target.view(target.shape[0], -1)
+            flat.addmm_(coords.to(target.dtype), matrix.T.to(target.dtype), alpha=alpha)
+        else:
+            target.add_(self.expand_one(name, coords, target.shape).to(target.dtype), alpha=alpha)
+
+    def expanded_norm_sq(self, name: str, coords: Tensor) -> Tensor:
+        """‖P a‖²_F = tr(a (PᵀP) aᵀ) for one tensor, computed with the r×r Gram matrix (a float32 scalar)."""
+        matrix = self.matrices[name]
+        if matrix is None:
+            return torch.linalg.vector_norm(coords).float().square()
         coords = coords.float()
-        return float(((coords @ (matrix.T @ matrix)) * coords).sum())
+        return ((coords @ (matrix.T @ matrix)) * coords).sum()
 
     def reduce(self, full: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Pᵀ x for every tensor."""
