@@ -47,8 +47,15 @@ def sequence_losses(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0
 
 def causal_lm_losses(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """ℓ_i = mean over valid positions t of −log p(y_{i,t+1} | y_{i,≤t}): :func:`sequence_losses` with the
-    labels shifted by one (labels = input_ids, as transformers' causal LMs take them)."""
-    return sequence_losses(logits[:, :-1, :], labels[:, 1:], label_smoothing)
+    labels shifted by one (labels = input_ids, as transformers' causal LMs take them). The labels move, not the
+    logits (the last position's target is −100), as transformers' own loss does: slicing the logits would copy
+    them, a [B, T, vocab] buffer."""
+    return sequence_losses(logits, _shifted(labels, IGNORE_INDEX), label_smoothing)
+
+
+def _shifted(values: Tensor, fill: int) -> Tensor:
+    """``values`` moved one position left along dim 1, ``fill`` at the last position (what position t predicts)."""
+    return F.pad(values[:, 1:], (0, 1), value=fill)
 
 
 def classification_losses(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -81,13 +88,13 @@ def per_example_losses(
 
 
 def _aligned(labels: Tensor, segments: Tensor, shift_labels: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(targets, their segment, is a valid target): with ``shift_labels`` position t predicts token t + 1, a
-    target only when both lie in the same segment (so the last token of one packed example never predicts
-    the first of the next, whether or not the collator masked it)."""
+    """(targets, their segment, is a valid target) at every position: with ``shift_labels`` position t predicts
+    token t + 1 (none at the last position), a target only when both lie in the same segment (so the last token
+    of one packed example never predicts the first of the next, whether or not the collator masked it)."""
     if not shift_labels:
         return labels, segments, (labels != IGNORE_INDEX) & (segments >= 0)
-    targets, target_segments = labels[:, 1:], segments[:, 1:]
-    valid = (targets != IGNORE_INDEX) & (target_segments >= 0) & (target_segments == segments[:, :-1])
+    targets, target_segments = _shifted(labels, IGNORE_INDEX), _shifted(segments, -1)
+    valid = (targets != IGNORE_INDEX) & (target_segments >= 0) & (target_segments == segments)
     return targets, target_segments, valid
 
 
@@ -111,8 +118,6 @@ def packed_sequence_losses(
             f"{tuple(logits.shape)}, labels {tuple(labels.shape)}, segments {tuple(segments.shape)}."
         )
     labels, segments = labels.to(logits.device), segments.to(logits.device)
-    if shift_labels:
-        logits = logits[:, :-1, :]
     targets, target_segments, valid = _aligned(labels, segments, shift_labels)
     token_losses = _token_losses(logits, targets.masked_fill(~valid, IGNORE_INDEX), label_smoothing)
     index = target_segments[valid]
