@@ -135,6 +135,9 @@ def test_domain_mixture_stays_on_simplex_and_round_trips(case):
     _round_trip(make, mixture, updates[split:])
     _apply_and_check(mixture, [], check)
     assert set(mixture.as_dict()) == set(names)
+    # The exported mixtures sum to 1 in float64 (numpy's sampling, behind interleave_datasets, needs 1e-8).
+    for exported in (mixture.as_dict(), mixture.as_dict(mixture.average_weights())):
+        assert abs(math.fsum(exported.values()) - 1.0) <= 1e-12
 
 
 # ---------------------------------------------------------------------------------------------

@@ -199,8 +199,11 @@ class DomainMixture(UpperVariable):
         self.logits.sub_(self.logits.mean())
 
     def as_dict(self, weights: Tensor | None = None) -> dict[str, float]:
-        """{domain: weight} for the current (or given) weights."""
-        weights = self.weights() if weights is None else weights
+        """{domain: weight} for the current (or given) weights, renormalised in float64 so that they sum to 1
+        to float64 precision: float32 weights sum to 1 only within ~1e-7, and e.g. numpy's sampling (behind
+        ``datasets.interleave_datasets(probabilities=...)``) refuses probabilities off by more than ~1e-8."""
+        weights = (self.weights() if weights is None else weights).detach().double()
+        weights = weights / weights.sum()
         return {name: float(w) for name, w in zip(self.domains, weights.tolist(), strict=True)}
 
 
