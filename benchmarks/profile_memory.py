@@ -92,28 +92,36 @@ def _wrap(module: Any, attr: str, recorder: PassRecorder, name: str) -> None:
     setattr(module, attr, wrapped)
 
 
-def profile_one(size_name: str, method_name: str, steps: int, device: str) -> dict[str, Any]:
-    import bros_hf.core.estimators as estimators
-    from benchmarks.data import build_data, collate
-    from benchmarks.models import SIZES, build_model, count_parameters
+def quick_spec(method_name: str, steps: int, device: str, batch_size: int) -> dict[str, Any]:
+    """A :func:`benchmarks.worker.build_trainer` spec for one method with the quick profile's settings."""
     from benchmarks.run import METHODS, PROFILES
-    from benchmarks.worker import MemoryMeter, build_trainer
 
-    torch.set_num_threads(1)
     method = METHODS[method_name]
     settings = PROFILES["quick"]
-    size = SIZES[size_name]
-    spec = {
+    return {
         "method": method.method,
         "rank": method.rank,
         "hessian_mode": method.hessian_mode,
         "steps": steps,
-        "batch_size": settings["batch_size"],
+        "batch_size": batch_size,
         "lr": settings["lr"],
         "seed": 0,
         "device": device,
         "upper_lr": settings["upper_lr"],
     }
+
+
+def profile_one(size_name: str, method_name: str, steps: int, device: str, batch_size: int = 6) -> dict[str, Any]:
+    import bros_hf.core.estimators as estimators
+    from benchmarks.data import build_data, collate
+    from benchmarks.models import SIZES, build_model, count_parameters
+    from benchmarks.run import METHODS
+    from benchmarks.worker import MemoryMeter, build_trainer
+
+    torch.set_num_threads(1)
+    method = METHODS[method_name]
+    size = SIZES[size_name]
+    spec = quick_spec(method_name, steps, device, batch_size)
     model = build_model(size, 0).to(device)
     train_ds, target_ds, _ = build_data(size, 64, 48, 6, seed=0)
     trainer = build_trainer(spec, model, train_ds, target_ds, "/tmp/bros-profile-out", [])
@@ -146,7 +154,7 @@ def profile_one(size_name: str, method_name: str, steps: int, device: str) -> di
             recorder.active = False
 
     trainer.add_callback(LastStep())
-    batch = {k: v.to(device) for k, v in collate([train_ds[i] for i in range(6)]).items()}
+    batch = {k: v.to(device) for k, v in collate([train_ds[i] for i in range(batch_size)]).items()}
     model(**batch).loss.backward()
     model.zero_grad(set_to_none=True)
     del batch
@@ -199,11 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=int, default=3, help="Profile the last of this many steps (z ≠ 0 from step 2)."
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch_size", type=int, default=6, help="Per-device batch (e.g. 3 for gpt2-124m at 512 tokens).")
     parser.add_argument("--output_dir", default=os.path.join("outputs", "benchmarks", "profile"))
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.single:
-        result = profile_one(args.size, args.single, args.steps, args.device)
+        result = profile_one(args.size, args.single, args.steps, args.device, args.batch_size)
         print("PROFILE_JSON " + json.dumps(result))
         return 0
     from benchmarks.run import REPO_ROOT, child_env
@@ -220,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             "--steps",
             str(args.steps),
         ]
-        command += ["--device", args.device, "--single", method]
+        command += ["--device", args.device, "--batch_size", str(args.batch_size), "--single", method]
         proc = subprocess.run(command, cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("PROFILE_JSON ")]
         if proc.returncode or not line:
