@@ -32,7 +32,8 @@ class ModelSize:
         return self.family in ("llama", "gpt2")
 
 
-def _intermediate(hidden: int) -> int:
+def intermediate_size(hidden: int) -> int:
+    """Llama MLP width for ``hidden``: 8/3 · hidden, rounded to a multiple of 16."""
     return max(16, int(round(8 * hidden / 3 / 16)) * 16)
 
 
@@ -50,7 +51,7 @@ SIZES: dict[str, ModelSize] = {
             "vit-tiny", "vit", hidden=64, layers=2, heads=4, image_size=32, patch_size=8, num_labels=10
         ),
         ModelSize("vit-s", "vit", hidden=192, layers=6, heads=3, image_size=64, patch_size=8, num_labels=10),
-        # GPU sizes (full mode with --device cuda)
+        # GPU sizes (full mode with --device cuda); the CPU plan runs llama-160m and gpt2-124m for a few steps
         ModelSize("llama-160m", "llama", hidden=768, layers=12, heads=12, vocab=32000, seq_len=512),
         ModelSize("llama-410m", "llama", hidden=1024, layers=24, heads=16, vocab=32000, seq_len=512),
         ModelSize("llama-1b", "llama", hidden=2048, layers=16, heads=32, vocab=32000, seq_len=512),
@@ -73,7 +74,7 @@ def build_model(size: ModelSize, seed: int) -> nn.Module:
         config = LlamaConfig(
             vocab_size=size.vocab,
             hidden_size=size.hidden,
-            intermediate_size=_intermediate(size.hidden),
+            intermediate_size=intermediate_size(size.hidden),
             num_hidden_layers=size.layers,
             num_attention_heads=size.heads,
             num_key_value_heads=size.heads,

@@ -52,7 +52,8 @@ def one_line(result: dict[str, Any]) -> str:
     return (
         f"{result['name']}: peak {result['peak_mb']:.1f} MB, step {result['step_time_s']:.3f} s "
         f"(cpu {result['step_cpu_s']:.3f} s), {result['state_bytes_per_param_total']:.1f} B/param, "
-        f"target loss {result['final_target_loss']:.4f}"
+        f"target loss {result['final_target_loss']:.4f}, checkpoint {_fmt(result.get('checkpoint_mb'), '.1f')} MB "
+        f"saved in {_fmt(result.get('save_time_s'), '.2f')} s"
     )
 
 
@@ -86,6 +87,8 @@ def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "family": r["family"],
             "n_params": r["n_params"],
             "steps": r["spec"]["steps"],
+            "batch_size": r["spec"]["batch_size"],
+            "seq_len": r.get("seq_len"),
             "device": r.get("device", "cpu"),
             "method": name,
             "peak_mb": r["peak_mb"],
@@ -93,6 +96,8 @@ def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "step_time_s": r["step_time_s"],
             "step_cpu_s": r["step_cpu_s"],
             "bytes_per_param": r["state_bytes_per_param_total"],
+            "save_time_s": r.get("save_time_s"),
+            "checkpoint_mb": r.get("checkpoint_mb"),
             "final_target_loss": r["final_target_loss"],
             "initial_target_loss": r["initial_target_loss"],
             "mixture_final": r.get("mixture_final"),
@@ -196,6 +201,11 @@ def check_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"size": size, "quality_size": q_size, "targets": TARGETS, "checks": checks, "summary": summary}
 
 
+def _batch_str(row: dict[str, Any]) -> str:
+    """``B × T tokens`` for a causal LM, ``B`` otherwise (older results without the field: ``B``)."""
+    return f"{row['batch_size']} × {row['seq_len']} tokens" if row.get("seq_len") else str(row["batch_size"])
+
+
 def _mixture_str(mixture: dict[str, float] | None) -> str:
     if not mixture:
         return "—"
@@ -212,19 +222,22 @@ def markdown(
     ok = [r for r in results if r.get("status") == "ok"]
     if ok:
         lines.append(f"- Memory: {ok[0]['memory_method']}.")
+        warmups = " or ".join(str(w) for w in sorted({r["timing_warmup"] for r in ok}))
         lines.append(
             f"- Step time: median wall clock of one optimizer step (callback on_step_begin → on_step_end) after "
-            f"{ok[0]['timing_warmup']} warm-up steps; `cpu` = median process CPU time (robust to other load on the machine)."
+            f"{warmups} warm-up steps (per size); `cpu` = median process CPU time (robust to other load on the machine)."
         )
         if settings.get("timing_size"):
+            timed = ", ".join(settings.get("timing_sizes") or [settings["timing_size"]])
             lines.append(
-                f"- At {settings['timing_size']} (where the time targets are read) step times come from a second run "
-                "of each configuration without MALLOC_MMAP_THRESHOLD_, which slows allocation-heavy steps; other "
-                "sizes' times include that slowdown."
+                f"- At {timed} (the largest causal LM of each family; the time targets are read at "
+                f"{settings['timing_size']}) step and checkpoint-save times come from a second run of each "
+                "configuration without MALLOC_MMAP_THRESHOLD_, which slows allocation-heavy steps; other sizes' "
+                "times include that slowdown."
             )
         lines.append(
             f"- Setting: profile `{settings.get('profile')}`, device `{settings.get('device')}`, "
-            f"{'bf16 mixed precision' if settings.get('bf16') else 'fp32'}, batch {settings.get('batch_size')}, AdamW lr {settings.get('lr')} (lower level; BROS/MA-SOBA keep it in "
+            f"{'bf16 mixed precision' if settings.get('bf16') else 'fp32'}, batch per size (headings), AdamW lr {settings.get('lr')} (lower level; BROS/MA-SOBA keep it in "
             f"coordinates), upper lr {settings.get('upper_lr') or 'default'}, aux lr {settings.get('aux_lr') or 'default'}, "
             f"seed {settings.get('seed')}, torch {ok[0].get('torch')} ({ok[0].get('threads')} threads), "
             f"transformers {ok[0].get('transformers')}."
@@ -239,24 +252,30 @@ def markdown(
             "- B/param: bytes held between steps per trainable parameter (weights, gradients, optimizer state, z, "
             "coordinates, sketches, accumulated bilevel buffers)."
         )
+        lines.append(
+            "- save s / ckpt MB: wall clock of one full Trainer checkpoint save after the last step "
+            "(`_save_checkpoint`: model, optimizer, scheduler, RNG and trainer state, and BROSTrainer's bilevel "
+            "state and learned mixture) into a temporary folder, and the bytes it wrote."
+        )
     lines.append("")
     sizes = []
     for row in rows:
         if row["size"] not in sizes:
             sizes.append(row["size"])
     header = (
-        "| method | peak MB | ×masoba | ×plain | step s | ×plain | cpu ×plain | B/param | target loss | Δ vs masoba "
-        "| progress | TV | mixture |"
+        "| method | peak MB | ×masoba | ×plain | step s | ×plain | cpu ×plain | B/param | save s | ckpt MB "
+        "| target loss | Δ vs masoba | progress | TV | mixture |"
     )
     for size in sizes:
         size_rows = [row for row in rows if row["size"] == size]
+        first = size_rows[0]
         lines.append(
-            f"## {size} ({size_rows[0]['n_params'] / 1e6:.2f}M parameters, {size_rows[0]['steps']} steps, "
-            f"initial target loss {size_rows[0]['initial_target_loss']:.3f})"
+            f"## {size} ({first['n_params'] / 1e6:.2f}M parameters, {first['steps']} steps, "
+            f"batch {_batch_str(first)}, initial target loss {first['initial_target_loss']:.3f})"
         )
         lines.append("")
         lines.append(header)
-        lines.append("|" + "---|" * 13)
+        lines.append("|" + "---|" * 15)
         for row in size_rows:
             lines.append(
                 "| "
@@ -270,6 +289,8 @@ def markdown(
                         _fmt(row["time_vs_plain"], ".2f"),
                         _fmt(row["cpu_vs_plain"], ".2f"),
                         _fmt(row["bytes_per_param"], ".1f"),
+                        _fmt(row["save_time_s"], ".2f"),
+                        _fmt(row["checkpoint_mb"], ".1f"),
                         _fmt(row["final_target_loss"], ".4f"),
                         _fmt(None if row["loss_rel_diff"] is None else 100 * row["loss_rel_diff"], "+.2f")
                         + ("%" if row["loss_rel_diff"] is not None else ""),
@@ -337,6 +358,23 @@ def markdown(
     return "\n".join(lines)
 
 
+def memory_points(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """What ``memory_vs_size.png`` draws: per family (panel), per method (line), the points (size, trainable
+    parameters, peak MB, batch) in order of size. Every size of ``rows`` is there, CPU plans from the
+    smallest Llama to the 100M+ causal LMs."""
+    panels: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for family in ("llama", "gpt2", "vit"):
+        for row in sorted((row for row in rows if row["family"] == family), key=lambda row: row["n_params"]):
+            point = {
+                "size": row["size"],
+                "n_params": row["n_params"],
+                "peak_mb": row["peak_mb"],
+                "batch": _batch_str(row),
+            }
+            panels.setdefault(family, {}).setdefault(row["method"], []).append(point)
+    return panels
+
+
 def plot(results: list[dict[str, Any]], rows: list[dict[str, Any]], output_dir: str) -> list[str]:
     try:
         import matplotlib
@@ -353,32 +391,45 @@ def plot(results: list[dict[str, Any]], rows: list[dict[str, Any]], output_dir: 
     style = {m: ("--" if m.endswith("-fd") else "-") for m in methods}
     palette = plt.get_cmap("tab10").colors
     color = {m: palette[i % len(palette)] for i, m in enumerate(methods)}  # one color per method, every panel
-    # 1. peak memory vs model size, one panel per family
-    families = [f for f in ("llama", "gpt2", "vit") if any(row["family"] == f for row in rows)]
-    figure, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4.2), squeeze=False)
-    for axis, family in zip(axes[0], families, strict=True):
-        for method in methods:
-            points = sorted(
-                (row["n_params"], row["peak_mb"])
-                for row in rows
-                if row["family"] == family and row["method"] == method
-            )
-            if points:
+    # 1. peak memory vs model size, one panel per family, every size labelled with its batch
+    panels = memory_points(rows)
+    if panels:
+        figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+        for axis, (family, by_method) in zip(axes[0], panels.items(), strict=True):
+            labels: dict[int, tuple[float, str]] = {}
+            for method, points in by_method.items():
                 axis.plot(
-                    [p[0] for p in points], [p[1] for p in points], style[method], marker="o", label=method
+                    [p["n_params"] for p in points],
+                    [p["peak_mb"] for p in points],
+                    style[method],
+                    color=color[method],
+                    marker="o",
+                    label=method,
                 )
-        axis.set_xscale("log")
-        axis.set_yscale("log")
-        axis.set_xlabel("trainable parameters")
-        axis.set_ylabel("peak memory of a training step (MB)")
-        axis.set_title(family)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7)
-    path = os.path.join(output_dir, "memory_vs_size.png")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    paths.append(path)
+                for p in points:
+                    if p["peak_mb"] >= labels.get(p["n_params"], (-math.inf, ""))[0]:
+                        labels[p["n_params"]] = (p["peak_mb"], f"{p['size']}\nbatch {p['batch']}")
+            for n_params, (peak, label) in labels.items():
+                axis.annotate(
+                    label,
+                    (n_params, peak),
+                    textcoords="offset points",
+                    xytext=(0, 5),
+                    ha="center",
+                    fontsize=6,
+                )
+            axis.set_xscale("log")
+            axis.set_yscale("log")
+            axis.set_xlabel("trainable parameters")
+            axis.set_ylabel("peak memory of a training step (MB)")
+            axis.set_title(family)
+            axis.grid(True, which="both", alpha=0.3)
+            axis.legend(fontsize=7)
+        path = os.path.join(output_dir, "memory_vs_size.png")
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        paths.append(path)
     # 2. target loss vs step, one panel per size
     ok = [r for r in results if r.get("status") == "ok" and r.get("target_curve")]
     sizes = []

@@ -1,7 +1,8 @@
 """Benchmarks: BROS vs full-space MA-SOBA vs the plain Trainer, memory, time and quality side by side.
 
     python -m benchmarks.run --quick                      # CPU, a few minutes (used by the slow test)
-    python -m benchmarks.run                              # CPU, bigger sizes (incl. a ~27M-parameter Llama)
+    python -m benchmarks.run                              # CPU, all sizes up to GPT-2 124M and Llama 160M
+    python -m benchmarks.run --sizes gpt2-124m llama-160m # CPU, only the 100M+ sizes (batch 3 x 512, 4 steps)
     python -m benchmarks.run --device cuda                # GPU sizes (160M-1B Llama, GPT-2 124M, ViT-B)
     python -m benchmarks.run --device cuda --bf16         # the same in bf16 mixed precision (TrainingArguments.bf16)
     python -m benchmarks.run --sizes llama-l --methods plain masoba-fd bros-r16-fd --steps 6
@@ -10,6 +11,8 @@ Every configuration (model size × method) runs in its own subprocess (``benchma
 ``MALLOC_MMAP_THRESHOLD_=65536`` so peak memory starts from a fresh heap; results land in
 ``OUTPUT_DIR/runs/NAME.json`` (logs in ``OUTPUT_DIR/logs``), and the aggregate in
 ``OUTPUT_DIR/results.json``, ``OUTPUT_DIR/results.md`` and PNG plots (see :mod:`benchmarks.report`).
+Every worker also times one full Trainer checkpoint save after its last step (``save_time_s``,
+``checkpoint_mb``; see :mod:`benchmarks.worker`).
 
 Methods (same model init, data, batch, lower optimizer AdamW, learning rate and seed):
 ``plain`` (``transformers.Trainer``), ``masoba-{ag,fd}`` (BROSTrainer, bilevel_method="masoba"),
@@ -63,7 +66,8 @@ def all_methods(ranks=RANKS, modes=("ag", "fd")) -> list[Method]:
 
 METHODS = {m.name: m for m in all_methods()}
 
-# Profiles: per size, the methods run there ("all" or a list of names) and the number of optimizer steps.
+# Profiles: per size, the methods run there ("all" or a list of names), the number of optimizer steps and,
+# optionally, settings of that size (SIZE_SETTINGS) that replace the profile's.
 # Small sizes run long enough for the quality columns (target loss, learned mixture) to mean something;
 # large sizes run a few steps for memory and time. Quality is compared between methods of the same size.
 QUICK_LARGEST = [
@@ -78,6 +82,20 @@ QUICK_LARGEST = [
 ]
 QUICK_SMALL = ["plain", "masoba-fd", "bros-r16-fd"]
 QUICK_QUALITY = [*QUICK_LARGEST, "bros-r16-fd-T1"]
+# Settings a grid entry may set for its size (third element of the entry); command-line values win.
+SIZE_SETTINGS = ("batch_size", "eval_every", "n_per_domain", "n_target", "n_eval", "timing_warmup")
+# The 100M+ causal LMs of the CPU plan: memory, time, bytes/param and checkpoint save of a few steps at
+# batch 3 x 512 tokens. Four steps move neither loss nor mixture, so the held-out sample is one batch pair
+# and no curve is taken (each forward pass at this size costs seconds of one core).
+CPU_LARGE_METHODS = ["plain", "masoba-fd", "bros-r16-fd"]
+CPU_LARGE: dict[str, int] = {
+    "batch_size": 3,
+    "eval_every": 0,
+    "n_per_domain": 32,
+    "n_target": 24,
+    "n_eval": 6,
+    "timing_warmup": 1,
+}
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
         "device": "cpu",
@@ -107,6 +125,8 @@ PROFILES: dict[str, dict[str, Any]] = {
             "gpt2-m": ("all", 10),
             "vit-tiny": ("all", 20),
             "vit-s": ("all", 8),
+            "gpt2-124m": (CPU_LARGE_METHODS, 4, CPU_LARGE),
+            "llama-160m": (CPU_LARGE_METHODS, 4, CPU_LARGE),
         },
         "batch_size": 6,
         "eval_every": 4,
@@ -237,27 +257,34 @@ def run_child(
 
 
 def approx_lm_parameters(size: str) -> int:
-    """Rough parameter count of a causal-LM size (12·hidden²·layers + vocab·hidden), to find the largest."""
-    from benchmarks.models import SIZES
+    """Parameter count of a causal-LM size from its shape (weight matrices and embeddings; biases and norms
+    left out), to find the largest without building it. Llama: 4·h² attention + 3·h·intermediate MLP per
+    layer, untied input and output embeddings; GPT-2: 12·h² per layer, tied token and position embeddings."""
+    from benchmarks.models import SIZES, intermediate_size
 
     s = SIZES[size]
-    return 12 * s.hidden * s.hidden * s.layers + (s.vocab or 0) * s.hidden
+    if s.family == "llama":
+        per_layer = 4 * s.hidden * s.hidden + 3 * s.hidden * intermediate_size(s.hidden)
+        return s.layers * per_layer + 2 * s.vocab * s.hidden
+    return 12 * s.hidden * s.hidden * s.layers + (s.vocab + max(s.seq_len, 128)) * s.hidden
 
 
 def timed_separately(result: dict[str, Any], spec: dict[str, Any], output_dir: str, timeout: float | None):
-    """Replace a CPU memory run's step times by those of a second run without MALLOC_MMAP_THRESHOLD_.
+    """Replace a CPU memory run's step and checkpoint-save times by those of a second run without
+    MALLOC_MMAP_THRESHOLD_.
 
     The threshold makes every buffer over 64 KiB a fresh mmap (page faults on first touch, munmap on
     free): right for peak memory, but it slowed steps 1.2-2x (llama-m: plain 1.75x, bros-r16-fd
     1.81x, masoba-fd 2.05x; llama-l: plain 1.21x, bros-r16-fd 1.57x), unevenly, so time ratios are
-    read from a run with glibc's default allocator settings.
+    read from a run with glibc's default allocator settings. The memory run's times stay as
+    ``memory_run_*``.
     """
     timed = run_child(dict(spec, name=spec["name"] + "__timing", eval_every=0), output_dir, timeout, False)
     if result.get("status") != "ok" or timed.get("status") != "ok":
         return result
-    result["memory_run_step_time_s"] = result["step_time_s"]
-    result["memory_run_step_cpu_s"] = result["step_cpu_s"]
-    result["step_time_s"], result["step_cpu_s"] = timed["step_time_s"], timed["step_cpu_s"]
+    for key in ("step_time_s", "step_cpu_s", "save_time_s"):
+        result[f"memory_run_{key}"] = result[key]
+        result[key] = timed[key]
     result["timing_method"] = "separate process with glibc's default allocator settings"
     with open(os.path.join(output_dir, "runs", f"{spec['name']}.json"), "w") as handle:
         json.dump(result, handle, indent=1)
@@ -269,25 +296,13 @@ def build_plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
     settings = dict(PROFILES[profile_name])
     settings["profile"] = profile_name
     settings["device"] = "cpu" if args.quick else args.device
-    for key in (
-        "batch_size",
-        "lr",
-        "eval_every",
-        "n_per_domain",
-        "n_target",
-        "n_eval",
-        "timing_warmup",
-        "aux_lr",
-        "upper_lr",
-        "ma_weight",
-        "threads",
-    ):
-        value = getattr(args, key)
-        if value is not None:
-            settings[key] = value
+    given = {
+        key: getattr(args, key)
+        for key in (*SIZE_SETTINGS, "lr", "aux_lr", "upper_lr", "ma_weight", "threads")
+        if getattr(args, key) is not None
+    }
+    settings.update(given)
     settings.update(seed=args.seed, resample_interval=args.resample_interval, bf16=args.bf16)
-    if settings["batch_size"] % 3:
-        raise SystemExit("--batch_size must be a multiple of 3 (balanced batches over the 3 domains).")
     grid: dict[str, Any] = dict(settings["grid"])
     if args.sizes:
         grid = {s: grid.get(s, ("all", 10)) for s in args.sizes}
@@ -298,24 +313,33 @@ def build_plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
         raise SystemExit(f"Unknown sizes {unknown}; choose from {sorted(SIZES)}.")
     specs = []
     resolved = {}
-    for size, (names, steps) in grid.items():
+    for size, (names, steps, *extra) in grid.items():
+        size_settings = {**settings, **(extra[0] if extra else {}), **given}
+        if size_settings["batch_size"] % 3:
+            raise SystemExit("--batch_size must be a multiple of 3 (balanced batches over the 3 domains).")
         chosen = list(METHODS) if names == "all" else list(names)
         if args.methods:
             chosen = list(args.methods)
         steps = args.steps or steps
-        resolved[size] = {"methods": chosen, "steps": steps}
+        resolved[size] = {"methods": chosen, "steps": steps, **{k: size_settings[k] for k in SIZE_SETTINGS}}
         for name in chosen:
             if name not in METHODS:
                 raise SystemExit(f"Unknown method {name!r}; choose from {list(METHODS)}.")
-            specs.append(make_spec(size, METHODS[name], settings, args.output_dir, steps))
+            specs.append(make_spec(size, METHODS[name], size_settings, args.output_dir, steps))
     settings["grid"] = resolved
     lm_sizes = [size for size in grid if SIZES[size].is_lm]
     if settings["device"] == "cpu" and lm_sizes:
-        # The time targets are read at the largest causal LM: time it again without the mmap threshold.
-        largest = max(lm_sizes, key=approx_lm_parameters)
+        # The time targets are read at the largest causal LM: time it, and the largest of every other causal-LM
+        # family (GPT-2 124M next to Llama 160M), again without the mmap threshold.
+        families = {SIZES[size].family for size in lm_sizes}
+        timed = [
+            max((size for size in lm_sizes if SIZES[size].family == family), key=approx_lm_parameters)
+            for family in sorted(families)
+        ]
         for spec in specs:
-            spec["timing_pass"] = spec["size"] == largest
-        settings["timing_size"] = largest
+            spec["timing_pass"] = spec["size"] in timed
+        settings["timing_size"] = max(lm_sizes, key=approx_lm_parameters)
+        settings["timing_sizes"] = timed
     return settings, specs
 
 
@@ -340,7 +364,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--steps", type=int, help="Optimizer steps per configuration (default: per size, see PROFILES)."
     )
-    parser.add_argument("--batch_size", type=int, help="Per-device batch size (multiple of 3).")
+    parser.add_argument(
+        "--batch_size", type=int, help="Per-device batch size (multiple of 3), all sizes; default: per size."
+    )
     parser.add_argument("--lr", type=float, help="Lower-level learning rate (AdamW, all methods).")
     parser.add_argument(
         "--eval_every", type=int, help="Target-loss curve: evaluate every N steps (0: only at the end)."

@@ -21,6 +21,14 @@ State per trainable parameter: bytes of the tensors the method keeps between ste
 after ``optimizer.step()`` (gradients still present): weights, gradients, optimizer state, z,
 r-dim coordinates (and their gradients), sketches, accumulated bilevel buffers, upper variables.
 Storages are deduplicated (a view or an alias is counted once).
+
+Checkpoint save: after the last step, one ``trainer._save_checkpoint`` (what the Trainer runs at every
+``save_steps``: model weights, optimizer and scheduler state, RNG state, trainer state; for
+BROSTrainer also its bilevel state file and the learned mixture as JSON and PNG, after the cross-rank
+fingerprint check, which is a no-op on one process) into a fresh temporary folder. ``save_time_s`` is
+its wall clock (files written to the page cache, no fsync, as in training), ``checkpoint_mb`` the
+bytes of every file written, ``save_peak_mb`` the memory growth during the save (same meter as the
+steps, over the memory just before it).
 """
 
 from __future__ import annotations
@@ -99,11 +107,49 @@ class MemoryMeter:
         except OSError:
             self.can_reset = False  # peak then covers everything since the process started
 
-    def peak_mb(self) -> float:
+    def high_water_mb(self) -> float:
+        """Peak memory since the last :meth:`reset` (absolute, not over the baseline)."""
         if self.cuda:
             torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() / MB - self.baseline
-        return (_status_kb("VmHWM") or 0) / 1024.0 - self.baseline
+            return torch.cuda.max_memory_allocated() / MB
+        return (_status_kb("VmHWM") or 0) / 1024.0
+
+    def peak_mb(self) -> float:
+        """Peak memory since the last :meth:`reset`, over the baseline."""
+        return self.high_water_mb() - self.baseline
+
+
+# ---------------------------------------------------------------------------------- checkpoint save
+def measure_checkpoint_save(trainer: Any, meter: MemoryMeter) -> dict[str, Any]:
+    """Time one full ``trainer._save_checkpoint`` into a temporary folder; its size on disk, per file.
+
+    ``args.output_dir`` points at the temporary folder for the save only (the checkpoint lands in its
+    ``checkpoint-N``), then is restored; the folder is deleted afterwards."""
+    model = trainer.model
+    gc.collect()
+    meter.reset()
+    before = meter.current_mb()
+    run_dir = trainer.args.output_dir
+    with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as directory:
+        trainer.args.output_dir = directory
+        try:
+            started = time.perf_counter()
+            trainer._save_checkpoint(model, trial=None)
+            wall = time.perf_counter() - started
+        finally:
+            trainer.args.output_dir = run_dir
+        peak = meter.high_water_mb() - before
+        files = {
+            os.path.relpath(os.path.join(root, name), directory): os.path.getsize(os.path.join(root, name))
+            for root, _, names in os.walk(directory)
+            for name in names
+        }
+    return {
+        "save_time_s": wall,
+        "save_peak_mb": peak,
+        "checkpoint_mb": sum(files.values()) / MB,
+        "checkpoint_files": dict(sorted(files.items())),
+    }
 
 
 # ---------------------------------------------------------------------------------- state
@@ -311,6 +357,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     trainer.train()
     final_target = target_loss(model, eval_ds, spec["batch_size"], device)
+    checkpoint = measure_checkpoint_save(trainer, meter)
 
     skip = min(spec.get("timing_warmup", 2), max(len(bench["step_wall"]) - 1, 0))
     walls, cpus = bench["step_wall"][skip:], bench["step_cpu"][skip:]
@@ -344,6 +391,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "state_bytes": sb,
         "state_bytes_per_param": {k: v / n_params for k, v in sb.items()},
         "state_bytes_per_param_total": sum(sb.values()) / n_params if sb else float("nan"),
+        **checkpoint,
+        "seq_len": size.seq_len if size.is_lm else None,
         "initial_target_loss": initial_target,
         "final_target_loss": final_target,
         "target_curve": bench["target_curve"],
@@ -368,7 +417,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         result["mixture_average"] = trainer.mixture_weights()
         result["mixture_history"] = trainer.mixture_history
     result["wall_total_s"] = time.perf_counter() - started
-    for key in ("peak_mb", "step_time_s", "final_target_loss"):
+    for key in ("peak_mb", "step_time_s", "final_target_loss", "save_time_s"):
         if not math.isfinite(result[key]):
             result["status"] = "non-finite"
     return result
