@@ -92,7 +92,9 @@ def _wrap(module: Any, attr: str, recorder: PassRecorder, name: str) -> None:
     setattr(module, attr, wrapped)
 
 
-def quick_spec(method_name: str, steps: int, device: str, batch_size: int) -> dict[str, Any]:
+def quick_spec(
+    method_name: str, steps: int, device: str, batch_size: int, activation_checkpointing: bool = False
+) -> dict[str, Any]:
     """A :func:`benchmarks.worker.build_trainer` spec for one method with the quick profile's settings."""
     from benchmarks.run import METHODS, PROFILES
 
@@ -108,10 +110,13 @@ def quick_spec(method_name: str, steps: int, device: str, batch_size: int) -> di
         "seed": 0,
         "device": device,
         "upper_lr": settings["upper_lr"],
+        "activation_checkpointing": activation_checkpointing,
     }
 
 
-def profile_one(size_name: str, method_name: str, steps: int, device: str, batch_size: int = 6) -> dict[str, Any]:
+def profile_one(
+    size_name: str, method_name: str, steps: int, device: str, batch_size: int = 6, activation_checkpointing: bool = False
+) -> dict[str, Any]:
     import bros_hf.core.estimators as estimators
     from benchmarks.data import build_data, collate
     from benchmarks.models import SIZES, build_model, count_parameters
@@ -121,7 +126,7 @@ def profile_one(size_name: str, method_name: str, steps: int, device: str, batch
     torch.set_num_threads(1)
     method = METHODS[method_name]
     size = SIZES[size_name]
-    spec = quick_spec(method_name, steps, device, batch_size)
+    spec = quick_spec(method_name, steps, device, batch_size, activation_checkpointing)
     model = build_model(size, 0).to(device)
     train_ds, target_ds, _ = build_data(size, 64, 48, 6, seed=0)
     trainer = build_trainer(spec, model, train_ds, target_ds, "/tmp/bros-profile-out", [])
@@ -208,11 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch_size", type=int, default=6, help="Per-device batch (e.g. 3 for gpt2-124m at 512 tokens).")
+    parser.add_argument("--activation_checkpointing", action="store_true", help="The Trainer's activation checkpointing.")
     parser.add_argument("--output_dir", default=os.path.join("outputs", "benchmarks", "profile"))
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.single:
-        result = profile_one(args.size, args.single, args.steps, args.device, args.batch_size)
+        result = profile_one(
+            args.size, args.single, args.steps, args.device, args.batch_size, args.activation_checkpointing
+        )
         print("PROFILE_JSON " + json.dumps(result))
         return 0
     from benchmarks.run import REPO_ROOT, child_env
@@ -230,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             str(args.steps),
         ]
         command += ["--device", args.device, "--batch_size", str(args.batch_size), "--single", method]
+        command += ["--activation_checkpointing"] if args.activation_checkpointing else []
         proc = subprocess.run(command, cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("PROFILE_JSON ")]
         if proc.returncode or not line:

@@ -202,6 +202,7 @@ def make_spec(
         "lower_full_space_modules": list(method.lower_full_space_modules or []) or None,
         "threads": settings.get("threads"),
         "bf16": bool(settings.get("bf16", False)),
+        "activation_checkpointing": bool(settings.get("activation_checkpointing", False)),
         "run_dir": os.path.join(output_dir, "trainer_output", name),
     }
 
@@ -302,7 +303,12 @@ def build_plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
         if getattr(args, key) is not None
     }
     settings.update(given)
-    settings.update(seed=args.seed, resample_interval=args.resample_interval, bf16=args.bf16)
+    settings.update(
+        seed=args.seed,
+        resample_interval=args.resample_interval,
+        bf16=args.bf16,
+        activation_checkpointing=args.activation_checkpointing,
+    )
     grid: dict[str, Any] = dict(settings["grid"])
     if args.sizes:
         grid = {s: grid.get(s, ("all", 10)) for s in args.sizes}
@@ -395,6 +401,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads",
         type=int,
         help="torch.set_num_threads in each worker (CPU profiles: 1, stable under other load).",
+    )
+    parser.add_argument(
+        "--activation_checkpointing",
+        action="store_true",
+        help="Every method with the Trainer's activation checkpointing (non-reentrant): activations shrink to "
+        "the layers' inputs, so the state each method holds dominates the peak.",
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="Seconds per configuration.")
     parser.add_argument(

@@ -277,6 +277,8 @@ def build_trainer(spec: dict[str, Any], model, train_ds, target_ds, output_dir: 
         report_to=[],
         use_cpu=not spec["device"].startswith("cuda"),
         bf16=bool(spec.get("bf16", False)),
+        activation_checkpointing=bool(spec.get("activation_checkpointing", False)),
+        activation_checkpointing_kwargs={"use_reentrant": False},
         disable_tqdm=True,
         seed=spec["seed"],
         data_seed=spec["seed"],

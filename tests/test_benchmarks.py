@@ -157,6 +157,24 @@ def test_cpu_plan_runs_gpt2_124m_and_llama_160m_and_quick_does_not(tmp_path):
         build_plan(parse_args([*argv, "--batch_size", "4"]))
 
 
+def test_activation_checkpointing_reaches_every_method(tmp_path):
+    """``--activation_checkpointing`` turns on the Trainer's non-reentrant checkpointing for plain and BROS alike."""
+    from benchmarks.data import build_data
+    from benchmarks.worker import build_trainer
+
+    argv = ["--sizes", "llama-test", "--methods", "plain", "bros-r16-fd", "--output_dir", str(tmp_path)]
+    _, specs = build_plan(parse_args([*argv, "--activation_checkpointing"]))
+    assert specs and all(s["activation_checkpointing"] for s in specs)
+    _, plain_specs = build_plan(parse_args(argv))
+    assert not any(s["activation_checkpointing"] for s in plain_specs)
+    size = SIZES["llama-test"]
+    train, target, _ = build_data(size, 8, 8, 2, seed=0)
+    for spec in specs:
+        trainer = build_trainer(spec, build_model(size, 0), train, target, str(tmp_path / spec["name"]), [])
+        assert trainer.args.gradient_checkpointing
+        assert trainer.args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+
+
 def test_parameter_estimate_finds_the_largest_causal_lm():
     """The timing size is picked without building models: the estimate is within 1 % of the real count."""
     import torch
