@@ -177,7 +177,8 @@ def child_env(mmap_threshold: bool = True) -> dict[str, str]:
 def make_spec(
     size: str, method: Method, settings: dict[str, Any], output_dir: str, steps: int
 ) -> dict[str, Any]:
-    name = f"{size}__{method.name}"
+    # Checkpointed runs get their own names: a report never mixes them with runs of the same size and method.
+    name = f"{size}__{method.name}" + ("__ac" if settings.get("activation_checkpointing") else "")
     return {
         "name": name,
         "size": size,

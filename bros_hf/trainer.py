@@ -759,9 +759,8 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         is ‖z‖ at the logging step (computed here, not every step)."""
         is_evaluation = any(key.startswith("eval_") for key in logs)
         if not is_evaluation:
-            recorded = self._metrics["train"]
+            recorded, device = self._metrics["train"], self.args.device
             for key, values in recorded.items():
-                device = self.args.device
                 readings = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in values]).cpu()
                 finite = readings[torch.isfinite(readings).all(dim=-1) if readings.dim() > 1 else torch.isfinite(readings)]
                 mean = finite.mean(dim=0) if len(finite) else torch.full(readings.shape[1:], float("nan"))

@@ -167,6 +167,7 @@ def test_activation_checkpointing_reaches_every_method(tmp_path):
     assert specs and all(s["activation_checkpointing"] for s in specs)
     _, plain_specs = build_plan(parse_args(argv))
     assert not any(s["activation_checkpointing"] for s in plain_specs)
+    assert not {s["name"] for s in specs} & {s["name"] for s in plain_specs}  # never mixed in one report
     size = SIZES["llama-test"]
     train, target, _ = build_data(size, 8, 8, 2, seed=0)
     for spec in specs:

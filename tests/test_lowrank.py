@@ -197,3 +197,12 @@ def test_constant_shift_is_added_in_place_into_the_layer_output():
 
     view = layer(x).view(15, 40)
     assert _LowRankTerms.apply(view, x, layer, [basis], [coords]).data_ptr() != view.data_ptr()
+    # Outputs whose memory is not row-major (a transposed view, a strided tensor of its own) get a contiguous copy.
+    plain_x = x.detach()
+    unshifted = plain_x @ layer.weight.detach().T
+    expected = unshifted + (plain_x @ basis) @ coords.T
+    transposed = (layer.weight.detach() @ plain_x.transpose(1, 2)).transpose(1, 2)  # a view, not row-major
+    strided = torch.empty_strided((3, 5, 40), (1, 3, 15)).copy_(unshifted)  # its own memory, not row-major
+    for output in (transposed, strided):
+        shifted = _LowRankTerms.apply(output, plain_x, layer, [basis], [coords])
+        torch.testing.assert_close(shifted, expected)

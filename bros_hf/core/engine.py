@@ -94,7 +94,7 @@ class Terms:
 
     ``lower_grad`` = Uᵀ∇_θ g(λ, θ; ξ), ``hessian_action`` = Pᵀ H S_Q z, ``upper_grad`` = Pᵀ∇_θ f(θ; ζ),
     ``cross`` = ∂_λ⟨∇_θ g, S_Q z⟩ (so D = −cross), and the two losses. Terms of several micro-batches
-    (or processes) combine linearly: ``sum(t.scaled(1 / n) for t in micro_batches)`` is their mean.
+    (or processes) combine linearly: ``t_1.scaled(1 / n) + … + t_n.scaled(1 / n)`` is their mean.
     An empty ``upper_grad`` means ``hessian_action`` already holds the residual Pᵀ H S_Q z − Pᵀ∇f
     (:meth:`accumulation_share`).
     """

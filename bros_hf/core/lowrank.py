@@ -129,10 +129,10 @@ class _LowRankTerms(torch.autograd.Function):
         dtype = output.dtype
         n_probes = len(probe_coords)
         probe_bases, shift_bases = bases[:n_probes], bases[n_probes:]
-        # In place only on a tensor of its own that autograd lets change (not a view, not a leaf requiring grad:
-        # transformers' enable_input_require_grads makes the input embeddings' output one).
-        own = not output._is_view() and not (output.is_leaf and output.requires_grad)
-        out = output if own else output.clone()
+        # In place only on a contiguous tensor of its own that autograd lets change (not a view, not a leaf
+        # requiring grad: transformers' enable_input_require_grads makes the input embeddings' output one).
+        own = output.is_contiguous() and not output._is_view() and not (output.is_leaf and output.requires_grad)
+        out = output if own else output.clone(memory_format=torch.contiguous_format)
         flat_out = out.view(-1, out.shape[-1])
         if isinstance(module, nn.Linear):
             projected = F.linear(x, torch.cat(bases, dim=1).T.to(x.dtype)).reshape(-1, sum(b.shape[1] for b in bases))
