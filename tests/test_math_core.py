@@ -428,6 +428,11 @@ def test_probes_are_fresh_every_step_and_the_lower_subspace_every_T_steps():
     assert restored.begin_step() == engine.begin_step() is False
     assert torch.equal(restored.sketch_p.matrices["w"], engine.sketch_p.matrices["w"])
 
+    state = engine.state_dict()
+    state["generator"] = state["generator"][:8]  # another generator type's state (CPU saved, CUDA resumed)
+    with pytest.raises(ValueError, match="resume on the device type the run was saved on"):
+        BilevelEngine(params, _LogRegularisation(1), hparams, seed=1).load_state_dict(state)
+
     every_step = BilevelEngine(params, _LogRegularisation(1), BilevelHyperparameters(rank=4), seed=0)
     assert every_step.begin_step() and every_step.sketch_u is every_step.sketch_p
 

@@ -417,7 +417,13 @@ class BilevelEngine:
             self.sketch_u = Sketch.from_state_dict(names, state["sketch_u"]).to(
                 next(iter(self.z.values())).device
             )
-        self.generator.set_state(state["generator"])
+        try:
+            self.generator.set_state(state["generator"])
+        except RuntimeError as error:  # e.g. a CPU generator's state for a CUDA generator: another device type
+            raise ValueError(
+                f"Cannot restore the sketch generator on {self.generator.device} from this checkpoint ({error}): the "
+                "sketches are drawn on the parameters' device, so resume on the device type the run was saved on."
+            ) from error
         self.step_count = int(state["step_count"])
 
 
