@@ -111,6 +111,18 @@ class BROSConfig(TrainingArguments):
         default=0.05,
         metadata={"help": "Auxiliary step size γ for z ≈ H^{-1} ∇_θ f (before rank scaling)."},
     )
+    aux_step_limit: float | None = field(
+        default=1.0,
+        metadata={
+            "help": "Limit c in (0, 2) on the auxiliary step, relative to the step that shrinks z's error most in mean "
+            "square (None: no limit). Without its ∇f part the step moves z by u = G P Pᵀ H S_Q z (G = diag(γ_n)); "
+            "in mean square it contracts for factors κ < 2 E⟨z, u⟩ / E‖u‖² (norm weighted by G⁻¹) and diverges "
+            "beyond, as when γ is too large for the model's curvature or for the variance of the sketched step (z "
+            "then sits at z_norm_bound). Every γ_n is multiplied by κ = min(1, c · ⟨z, u⟩ / ‖u‖²) from running "
+            "means of both, which the passes already give; logged as bilevel/aux_step_factor. It never lengthens "
+            "a step, so runs whose γ was already stable are nearly unchanged."
+        },
+    )
     aux_step_scaling: str = field(
         default="rank_ratio",
         metadata={
@@ -286,6 +298,12 @@ class BROSConfig(TrainingArguments):
             )
         if self.z_norm_bound is not None and not self.z_norm_bound > 0:
             raise ValueError(f"z_norm_bound must be > 0, or None for no projection, got {self.z_norm_bound}.")
+        limit = self.aux_step_limit
+        if limit is not None and not (isinstance(limit, (int, float)) and 0.0 < limit < 2.0):
+            raise ValueError(
+                f"aux_step_limit must be in (0, 2) (the auxiliary step stops contracting at 2; default "
+                f"{self.__dataclass_fields__['aux_step_limit'].default}), or None for no limit, got {limit}."
+            )
         for name in ("subspace_rank", "sketch_resample_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer ≥ 1, got {getattr(self, name)}.")
@@ -339,6 +357,7 @@ class BROSConfig(TrainingArguments):
             upper_rule=self.upper_update,
             upper_rms_decay=self.upper_rms_decay,
             z_radius=self.z_norm_bound,
+            aux_step_limit=self.aux_step_limit,
             fd_eps=self.resolved_finite_difference_eps(half_precision),
             upper_warmup_steps=self.upper_warmup_steps,
         )

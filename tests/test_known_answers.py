@@ -15,9 +15,9 @@ The reported mixture is ``mixture_weights()`` (tail average of the iterates); th
 (``final_mixture_weights()``) must also not sit on a vertex (max w ≤ 0.9) on the interior tasks.
 
 Measured (1 thread, 2-core machine, about 4 minutes for the 8 trainings in the default suite), TV of the tail average to π:
-3 domains bros 0.049, masoba 0.046; 4 domains bros 0.020, masoba 0.057; loss ×10 bros 0.088 (0.040 from its ×1
-answer: the closest to its bound, since the auxiliary step γ is not scale-free), masoba 0.035 (0.011); vertex
-w_A 0.975 for both. With the previous defaults (upper_update='masoba', α = 1, no z radius) the interior and ×10
+3 domains bros 0.049, masoba 0.046; 4 domains bros 0.020, masoba 0.057; loss ×10 bros 0.064 (0.016 from its ×1
+answer; 0.088 and 0.040 before the auxiliary step limit, aux_step_limit), masoba 0.067 (0.022; 0.035 and 0.011 before);
+vertex w_A 0.998 for both. With the previous defaults (upper_update='masoba', α = 1, no z radius) the interior and ×10
 checks fail: the mixture ends on a vertex.
 """
 

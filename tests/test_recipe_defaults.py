@@ -15,7 +15,7 @@ from bros_hf import BROSConfig
 ROOT = Path(__file__).resolve().parents[1]
 TUNING_KNOBS = (
     "upper_update", "upper_learning_rate", "upper_rms_decay", "moving_average_weight", "upper_warmup_steps",
-    "aux_learning_rate", "aux_step_scaling", "z_norm_bound", "hessian_mode", "finite_difference_eps",
+    "aux_learning_rate", "aux_step_scaling", "aux_step_limit", "z_norm_bound", "hessian_mode", "finite_difference_eps",
     "sketch_resample_interval", "subspace_rank", "mixture_floor", "lower_full_space_modules",
 )  # fmt: skip
 PACKAGE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BROSConfig) if f.name in TUNING_KNOBS}
@@ -55,3 +55,4 @@ def test_hyper_cleaning_uses_the_package_upper_and_auxiliary_defaults():
     assert config.ma_weight == PACKAGE_DEFAULTS["moving_average_weight"]
     assert config.upper_warmup_steps == PACKAGE_DEFAULTS["upper_warmup_steps"]
     assert config.z_radius == PACKAGE_DEFAULTS["z_norm_bound"]
+    assert config.aux_step_limit == PACKAGE_DEFAULTS["aux_step_limit"]

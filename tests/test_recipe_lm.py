@@ -85,7 +85,7 @@ def test_recipe_defaults_fill_only_missing_options(tmp_path):
     assert args.learning_rate == 0.01 and args.upper_learning_rate == 2.5
     assert args.max_steps == recipe.RECIPE_DEFAULTS["max_steps"]
     assert args.save_strategy == "no" and args.report_to == []
-    assert args.mixture_floor == 0.0 and args.hessian_mode == "autograd"  # package default; RECIPE_REASONS
+    assert args.mixture_floor == 0.0 and args.hessian_mode == "auto"  # package defaults (no RECIPE_REASONS)
     assert {"learning_rate", "upper_learning_rate", "output_dir"} <= given
     assert model_args.model_type == "llama" and model_args.lora_r == 0
     assert data_args.target_domains == ["docs"] and data_args.apply_mixture is None

@@ -120,6 +120,8 @@ def test_sample_mode_needs_indexable_train_set(tmp_path, toy):
         ({"moving_average_weight": 0.0}, r"moving_average_weight ρ must be in \(0, 1\]"),
         ({"moving_average_weight": 1.5}, r"moving_average_weight ρ must be in \(0, 1\]"),
         ({"z_norm_bound": 0.0}, "z_norm_bound must be > 0, or None"),
+        ({"aux_step_limit": 2.0}, r"aux_step_limit must be in \(0, 2\) .*got 2.0"),
+        ({"aux_step_limit": 0.0}, r"aux_step_limit must be in \(0, 2\)"),
         ({"subspace_rank": 0}, "subspace_rank must be an integer ≥ 1"),
         ({"sketch_resample_interval": 0}, "sketch_resample_interval must be an integer ≥ 1"),
         ({"bilevel_method": "soba"}, "bilevel_method must be 'bros' or 'masoba'"),

@@ -3,7 +3,7 @@
 Per step k, with lower batch ξ and upper batch ζ (docs/method.md):
 
     θ ← θ − β S_U ∇_θ g(λ, θ; ξ)                            (through r-dim coordinates)
-    z ← Π_R( z − γ_n S_P ( H S_Q z − ∇_θ f(θ; ζ) ) )         H = ∇²_θθ g(λ, θ; ξ)
+    z ← Π_R( z − κ γ_n S_P ( H S_Q z − ∇_θ f(θ; ζ) ) )       H = ∇²_θθ g(λ, θ; ξ)
     D = ∇_λ f − ∂_λ ⟨∇_θ g, S_Q z⟩
     h ← (1 − ρ) h + ρ D,       λ ← λ − α h      (``upper_rule="masoba"``, this class's default)
 
@@ -16,7 +16,9 @@ subspace U, redrawn every ``resample_every`` steps: the lower optimizer (e.g. Ad
 in U's coordinates between redraws, which it needs to make progress (see the README's numbers).
 Tensors named in ``lower_full_space`` (e.g. embeddings) take their lower update in full space (U = I)
 while P and Q stay random for them. γ_n = γ · r / n for a tensor sketched along a dimension of size n (``aux_step_scaling="rank_ratio"``,
-the default) because the variance of S_P H S_Q grows like (n / r)²; full-space tensors use γ. All terms of a step use the iterates (θ_k, z_k, λ_k).
+the default) because the variance of S_P H S_Q grows like (n / r)²; full-space tensors use γ. κ ∈ [0, 1] is 1 unless ``aux_step_limit`` c is set: then κ = min(1, c ā / b̄) keeps the
+auxiliary step contracting in mean square whatever γ (:meth:`BilevelEngine.aux_step_factor`; ``BROSConfig`` sets
+c = 1). All terms of a step use the iterates (θ_k, z_k, λ_k).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from bros_hf.core.sketch import Sketch, SketchKind
 from bros_hf.core.upper import DEFAULT_RMS_DECAY, UpperRule, UpperVariable
 
 Method = Literal["bros", "masoba"]
+AUX_MOMENT_DECAY = 0.9
+"""Decay of the running means behind the auxiliary step's limit (:meth:`BilevelEngine.aux_step_factor`)."""
 
 
 @dataclass
@@ -63,6 +67,7 @@ class BilevelHyperparameters:
     upper_rule: UpperRule = "masoba"
     upper_rms_decay: float = DEFAULT_RMS_DECAY
     z_radius: float | None = None
+    aux_step_limit: float | None = None
     fd_eps: float = DEFAULT_FD_EPS
     upper_warmup_steps: int = 0
     lower_full_space: tuple[str, ...] = ()
@@ -85,6 +90,11 @@ class BilevelHyperparameters:
             raise ValueError(f"upper_rms_decay β must be in [0, 1), got {self.upper_rms_decay}.")
         if self.z_radius is not None and not self.z_radius > 0:
             raise ValueError(f"z_radius must be > 0 or None, got {self.z_radius}.")
+        if self.aux_step_limit is not None and not 0.0 < self.aux_step_limit < 2.0:
+            raise ValueError(
+                f"aux_step_limit c must be in (0, 2) (the auxiliary iteration stops contracting at c = 2) or None, "
+                f"got {self.aux_step_limit}."
+            )
         self.lower_full_space = tuple(self.lower_full_space)
 
 
@@ -93,7 +103,8 @@ class Terms:
     """Everything one step needs from its batches, in the coordinates the updates use.
 
     ``lower_grad`` = Uᵀ∇_θ g(λ, θ; ξ), ``hessian_action`` = Pᵀ H S_Q z, ``upper_grad`` = Pᵀ∇_θ f(θ; ζ),
-    ``cross`` = ∂_λ⟨∇_θ g, S_Q z⟩ (so D = −cross), and the two losses. Terms of several micro-batches
+    ``cross`` = ∂_λ⟨∇_θ g, S_Q z⟩ (so D = −cross), ``aux_moments`` = (⟨Pᵀz, Pᵀ H S_Q z⟩, Σ_n γ_n ‖P Pᵀ H S_Q z‖²)
+    (:meth:`BilevelEngine.aux_moments`, which limit the auxiliary step), and the two losses. Terms of several micro-batches
     (or processes) combine linearly: ``t_1.scaled(1 / n) + … + t_n.scaled(1 / n)`` is their mean.
     An empty ``upper_grad`` means ``hessian_action`` already holds the residual Pᵀ H S_Q z − Pᵀ∇f
     (:meth:`accumulation_share`).
@@ -105,6 +116,7 @@ class Terms:
     hessian_action: dict[str, Tensor]
     upper_grad: dict[str, Tensor]
     cross: Tensor
+    aux_moments: Tensor
 
     def groups(self) -> dict[str, dict[str, Tensor]]:
         """Every tensor, by group then name (a stable order, e.g. for one flat all-reduce)."""
@@ -113,6 +125,7 @@ class Terms:
             "hessian_action": self.hessian_action,
             "upper_grad": self.upper_grad,
             "cross": {"cross": self.cross},
+            "aux_moments": {"aux_moments": self.aux_moments},
             "losses": {"lower": self.lower_loss, "upper": self.upper_loss},
         }
 
@@ -126,6 +139,7 @@ class Terms:
             hessian_action=dict(groups["hessian_action"]),
             upper_grad=dict(groups["upper_grad"]),
             cross=groups["cross"]["cross"],
+            aux_moments=groups["aux_moments"]["aux_moments"],
         )
 
     def scaled(self, factor: float) -> Terms:
@@ -152,7 +166,10 @@ class Terms:
             for n, h in self.hessian_action.items()
         }
         lower_grad = {n: share(g) for n, g in self.lower_grad.items()}
-        return Terms(share(self.lower_loss), share(self.upper_loss), lower_grad, residual, {}, share(self.cross))
+        return Terms(
+            share(self.lower_loss), share(self.upper_loss), lower_grad, residual, {}, share(self.cross),
+            share(self.aux_moments),
+        )
 
     def __add__(self, other: Terms) -> Terms:
         mine, theirs = self.groups(), other.groups()
@@ -176,11 +193,13 @@ class Terms:
 @dataclass
 class StepStatistics:
     """What a step reports, as 0-dim tensors on the terms' device: reading them (``float()``) synchronises
-    with the device, so loops read them only when they log. ``hypergradient_norm`` is NaN on a skipped step."""
+    with the device, so loops read them only when they log. ``hypergradient_norm`` is NaN on a skipped step;
+    ``aux_step_factor`` is the factor κ ∈ [0, 1] that ``aux_step_limit`` put on the auxiliary step (1: unlimited)."""
 
     lower_loss: Tensor
     upper_loss: Tensor
     hypergradient_norm: Tensor
+    aux_step_factor: Tensor
     skipped: bool
 
 
@@ -216,6 +235,8 @@ class BilevelEngine:
         device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.z = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+        self.aux_moment_means = torch.zeros(2, device=device)  # running means of Terms.aux_moments
+        self._z_in_p: dict[str, Tensor] | None = None  # Pᵀz of this step (z and P are fixed within a step)
         self.step_count = 0
         self.sketch_p = Sketch.identity(self.params)
         self.sketch_q = self.sketch_p
@@ -250,6 +271,7 @@ class BilevelEngine:
 
     def end_step(self) -> None:
         self.step_count += 1
+        self._z_in_p = None
 
     # -- terms ----------------------------------------------------------------------------------
     def lower_terms(self, lower_loss_fn: LowerLossFn, *, need_upper: bool = True) -> LowerPassResult:
@@ -272,6 +294,21 @@ class BilevelEngine:
         """(f(θ; ζ), Pᵀ∇_θ f(θ; ζ)) on one upper batch."""
         return coordinate_gradient(upper_loss_fn, self.params, self.sketch_p, self.perturber)
 
+    def aux_moments(self, hessian_action: Mapping[str, Tensor]) -> Tensor:
+        """(a, b) = (⟨z, u⟩, ‖u‖²_{G⁻¹}) for u = G P Pᵀ H S_Q z, the Hessian part of the auxiliary step (G = diag(γ_n)),
+        from ``hessian_action`` = Pᵀ H S_Q z: a = Σ ⟨Pᵀz, Pᵀ H S_Q z⟩, an unbiased estimate of the curvature
+        ⟨z, H z⟩ along z, and b = Σ_n γ_n ‖P Pᵀ H S_Q z‖² (r × r Gram matrices; no full-size tensor is formed).
+        A float32 [2] tensor, no host synchronisation."""
+        if self._z_in_p is None:
+            self._z_in_p = self.sketch_p.reduce(self.z)
+        device = self.aux_moment_means.device
+        along, square = torch.zeros((), device=device), torch.zeros((), device=device)
+        for name, z_p in self._z_in_p.items():
+            action = hessian_action[name].detach()
+            along += torch.dot(z_p.reshape(-1), action.reshape(-1).to(z_p.dtype)).to(device)
+            square += self.aux_step_size(name) * self.sketch_p.expanded_norm_sq(name, action).to(device)
+        return torch.stack([along, square])
+
     # -- updates --------------------------------------------------------------------------------
     def aux_step_size(self, name: str) -> float:
         """γ_n: γ · r/n for sketched tensors under ``rank_ratio`` scaling, else γ."""
@@ -281,17 +318,48 @@ class BilevelEngine:
         return gamma
 
     @torch.no_grad()
+    def aux_step_factor(self, moments: Tensor) -> Tensor:
+        """κ = min(1, c · ā / b̄) ∈ [0, 1], the factor on every γ_n this step (``aux_step_limit`` c; 1 when None).
+
+        The auxiliary step without its ∇f part moves z to z − κ u, u = G P Pᵀ H S_Q z, and in G⁻¹'s norm
+        ‖z − κu‖² = ‖z‖² − 2κa + κ²b with (a, b) = :meth:`aux_moments`. In mean square it contracts for
+        κ < 2 E[a] / E[b] and most at κ = E[a] / E[b]; beyond, z grows until it sits at z_radius, as when γ is
+        too large for the model's curvature or for the variance of the sketched step. ā, b̄ are running means
+        (decay ``AUX_MOMENT_DECAY``) of the step's (a, b), mean over micro-batches and processes (b's mean is
+        ≥ b of the averaged step: a shorter, safe κ under accumulation). Full space at an eigenvector of H with
+        eigenvalue ℓ: ā / b̄ = 1 / (γ ℓ), so c caps γ ℓ at c. κ never lengthens a step, is 1 until z has a
+        measured (a, b), and 0 (z held) while the mean curvature along z is not positive. On the device: no
+        host synchronisation."""
+        limit = self.hparams.aux_step_limit
+        means = self.aux_moment_means
+        if limit is None:
+            return torch.ones((), device=means.device)
+        means.lerp_(moments.to(means.device).float(), 1.0 - AUX_MOMENT_DECAY)
+        along, square = means.unbind()
+        factor = (limit * along / square).clamp(min=0.0, max=1.0)
+        return torch.where(square > 0, factor, torch.ones_like(factor))
+
+    @torch.no_grad()
     def update_auxiliary(
-        self, hessian_action: Mapping[str, Tensor], upper_grad: Mapping[str, Tensor]
+        self,
+        hessian_action: Mapping[str, Tensor],
+        upper_grad: Mapping[str, Tensor],
+        factor: Tensor | None = None,
     ) -> None:
-        """z ← Π_R(z − γ_n P (Pᵀ H Q Qᵀ z − Pᵀ∇f)); all arguments are P-coordinates (empty ``upper_grad``:
-        ``hessian_action`` is already the residual). Sketched tensors are updated in place through
-        ``addmm_`` on a view of z, so no full-size P·residual is formed."""
+        """z ← Π_R(z − κ γ_n P (Pᵀ H Q Qᵀ z − Pᵀ∇f)); all arguments are P-coordinates (empty ``upper_grad``:
+        ``hessian_action`` is already the residual); κ = ``factor`` (:meth:`aux_step_factor`; None: 1). Sketched
+        tensors are updated in place through ``addmm_`` on a view of z, so no full-size P·residual is formed."""
         for name, z in self.z.items():
             gamma = self.aux_step_size(name)
-            self.sketch_p.add_expanded_(name, z, hessian_action[name], alpha=-gamma)
-            if name in upper_grad:
-                self.sketch_p.add_expanded_(name, z, upper_grad[name], alpha=gamma)
+            for coords, sign in ((hessian_action[name], -1.0), (upper_grad.get(name), 1.0)):
+                if coords is None:
+                    continue
+                if factor is not None and self.sketch_p.matrices[name] is not None:
+                    coords = coords * factor.to(coords.dtype)  # [m, r]: small
+                elif factor is not None:  # full-space: scale inside the update, no tensor-sized temporary
+                    z.addcmul_(coords.to(z.dtype), factor.to(z.dtype), value=sign * gamma)
+                    continue
+                self.sketch_p.add_expanded_(name, z, coords, alpha=sign * gamma)
         radius = self.hparams.z_radius
         if radius is not None:  # z ← z · min(1, R / ‖z‖), on the device (no host synchronisation)
             shrink = (radius / global_norm(self.z)).clamp_(max=1.0)
@@ -333,6 +401,7 @@ class BilevelEngine:
             hessian_action=lower.hessian_action,
             upper_grad=upper_grad,
             cross=lower.cross,
+            aux_moments=self.aux_moments(lower.hessian_action),
         )
 
     def apply(self, terms: Terms, lower_update: LowerUpdate) -> StepStatistics:
@@ -344,14 +413,16 @@ class BilevelEngine:
         finite = terms.is_finite()
         hypergradient = -terms.cross
         if finite:
-            self.update_auxiliary(terms.hessian_action, terms.upper_grad)
+            factor = self.aux_step_factor(terms.aux_moments)
+            self.update_auxiliary(terms.hessian_action, terms.upper_grad, factor)
             self.update_upper(hypergradient)
             lower_update(terms.lower_grad)
         else:
+            factor = torch.full((), float("nan"), device=self.aux_moment_means.device)
             lower_update(None)
         self.end_step()
         norm = hypergradient.norm() if finite else torch.full((), float("nan"), device=hypergradient.device)
-        return StepStatistics(terms.lower_loss, terms.upper_loss, norm, skipped=not finite)
+        return StepStatistics(terms.lower_loss, terms.upper_loss, norm, factor, skipped=not finite)
 
     def sgd(self, lower_lr: float) -> LowerUpdate:
         """The lower update θ ← θ − β S_U ∇g (plain SGD in U's coordinates), for custom loops."""
@@ -372,6 +443,7 @@ class BilevelEngine:
         """Everything needed to continue bit-identically: z, λ/h, sketches, generator, step."""
         return {
             "z": {n: z.detach().cpu().clone() for n, z in self.z.items()},
+            "aux_moment_means": self.aux_moment_means.detach().cpu().clone(),
             "upper": self.upper.state_dict(),
             "sketch_p": self.sketch_p.state_dict(),
             "sketch_q": self.sketch_q.state_dict(),
@@ -403,6 +475,7 @@ class BilevelEngine:
             )
         for name, z in self.z.items():
             z.copy_(state["z"][name])
+        self.aux_moment_means.copy_(state["aux_moment_means"])
         self.upper.load_state_dict(state["upper"])
         names = list(self.params)
         self.sketch_p = Sketch.from_state_dict(names, state["sketch_p"]).to(
