@@ -429,6 +429,7 @@ def test_probes_are_fresh_every_step_and_the_lower_subspace_every_T_steps():
     assert torch.equal(restored.sketch_p.matrices["w"], engine.sketch_p.matrices["w"])
 
     state = engine.state_dict()
+    assert all(state["z"][n].data_ptr() == z.data_ptr() for n, z in engine.z.items())  # CPU: no copy of z
     state["generator"] = state["generator"][:8]  # another generator type's state (CPU saved, CUDA resumed)
     with pytest.raises(ValueError, match="resume on the device type the run was saved on"):
         BilevelEngine(params, _LogRegularisation(1), hparams, seed=1).load_state_dict(state)

@@ -431,3 +431,15 @@ def test_synthetic_target_set_has_the_requested_mixture():
     assert sorted(splits["target"]["domain"]) == ["ascending"] * 7 + ["descending"] * 3
     assert splits["train"]["domain"].count("random") == 5
     assert recipe.parse_mixture("ascending=0.7, descending=0.3") == {"ascending": 0.7, "descending": 0.3}
+
+
+def test_recipe_default_run_learns_the_best_mixture(tmp_path):
+    # The recipe's default run (300 steps, every bilevel knob at its package default): the target is 70 % / 30 % of
+    # ascending / descending chats, so the best mixture is (0.7, 0.3, 0). TV of the learned (tail-averaged) mixture
+    # ≤ 0.10: measured 0.031 (0.730, 0.269, 0.001); without the auxiliary step limit (a JSON config with
+    # "aux_step_limit": null) the mixture was 0.17 TV away (0.528, 0.352, 0.119). About 40 s on 2 cores.
+    report = recipe.main(["--output_dir", str(tmp_path)])
+    learned = report["mixture"]["average"]
+    best = {"ascending": 0.7, "descending": 0.3, "random": 0.0}
+    distance = 0.5 * sum(abs(learned[d] - best[d]) for d in best)
+    assert distance <= 0.10, learned
