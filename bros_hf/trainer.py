@@ -151,7 +151,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         self._tokens_per_micro_batch: float | None = None  # loss_normalization="token": N / (processes · micro-batches)
         self._packed_attention_checked = False
         self._mixture_history: list[list[float]] = []
-        self._unread_mixtures: list[Tensor] = []  # w of the steps since mixture_history was last read
+        self._unread_mixtures: list[Tensor] = []  # w of the steps since the last log or read of mixture_history
         # As TRL's trainers keep them: the bilevel metrics come from training steps only. Values are floats or
         # 0-dim tensors on the device, read (one synchronisation) when the Trainer logs.
         self._metrics: dict[str, dict[str, list[float | Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -721,11 +721,15 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
     @property
     def mixture_history(self) -> list[list[float]]:
         """Domain mode: the mixture w after every optimizer step, one list per step (read from the device
-        when asked for, not every step)."""
+        when asked for or at a training log, not every step)."""
+        self._read_mixtures()
+        return self._mixture_history
+
+    def _read_mixtures(self) -> None:
+        """Move the unread per-step mixtures from the device into the history (one transfer for all of them)."""
         if self._unread_mixtures:
             self._mixture_history.extend(torch.stack(self._unread_mixtures).cpu().tolist())
             self._unread_mixtures.clear()
-        return self._mixture_history
 
     @mixture_history.setter
     def mixture_history(self, history: list[list[float]]) -> None:
@@ -772,6 +776,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             if recorded and self.engine is not None:
                 logs["bilevel/z_norm"] = float(global_norm(self.engine.z))
             recorded.clear()
+            self._read_mixtures()  # a synchronisation point already: the per-step tensors do not pile up
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ results

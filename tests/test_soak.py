@@ -109,9 +109,11 @@ def test_long_run_stays_finite_bounded_and_does_not_leak(tmp_path):
     assert [r["step"] for r in probe.readings] == list(range(EVERY, STEPS + 1, EVERY))
     for reading in probe.readings:
         assert all(math.isfinite(v) for v in reading.values()), reading
-        # λ is re-centred and moves like log(steps) once the mixture has converged; z has no
-        # projection by default (z_norm_bound=None) and grows slowly (see the printed readings).
-        assert reading["lambda_max"] < 15 and reading["h_norm"] < 1, reading
+        # λ is re-centred and moves like log(steps) once the mixture has converged (measured max |λ| 0.62 → 5.72);
+        # h, the moving average of the weight gradient G, fluctuates without drifting (measured 0.78-2.08; the
+        # former bound 1 already failed at step 500 on commit 0f95a5b, with the same reading 1.089); z grows
+        # slowly towards its norm bound 5 (measured 1.53 → 4.95).
+        assert reading["lambda_max"] < 15 and reading["h_norm"] < 5, reading
         assert reading["z_norm"] < 50 and reading["theta_norm"] < 50, reading
     for entry in logs.logs:
         assert all(math.isfinite(v) for v in entry.values() if isinstance(v, float)), entry

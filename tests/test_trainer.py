@@ -249,3 +249,23 @@ def test_run_shorter_than_the_upper_warmup_says_so(tmp_path, toy, upper_level):
     name = "mixture_weights.json" if upper_level == "domain" else "sample_weights.json"
     exported = json.loads((tmp_path / "out" / name).read_text())
     assert exported["upper_updates"] == 0 and exported["step"] == 4
+
+
+def test_per_step_mixtures_are_read_at_each_training_log(tmp_path, toy):
+    # Every step's mixture stays on the device until a training log, where all of them are read in one transfer.
+    # Before, they waited for someone to read mixture_history: one tensor per step for the whole run (found by the
+    # soak test's live-tensor count, +2500 over 2500 steps).
+    pending: list[int] = []
+
+    class CountPending(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # before that step's log
+            pending.append(len(trainer._unread_mixtures))
+
+    torch.manual_seed(0)
+    trainer = BROSTrainer(
+        model=TinyClassifier(), args=make_args(tmp_path, max_steps=12, logging_steps=4), train_dataset=toy[0],
+        upper_dataset=toy[1], callbacks=[CountPending()],
+    )  # fmt: skip
+    trainer.train()
+    assert pending == [1, 2, 3, 4] * 3
+    assert len(trainer.mixture_history) == 12
