@@ -262,11 +262,13 @@ def test_accelerate_cpu_ddp_two_processes(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_default_run_moves_mixture_toward_target(tmp_path):
-    """The README command (default sizes and steps, minutes on 2 CPU cores): docs must gain weight."""
+    """The README command (default sizes and steps, minutes on 2 CPU cores): docs, the target, must take most of the
+    mixture. Measured 2026-12-02: tail average 0.838, final 0.999; before the auxiliary step limit (z at its norm
+    bound from step ~40) 0.535 and 0.766, which these bounds reject."""
     out = tmp_path / "out"
     run_recipe("--output_dir", str(out), "--disable_tqdm", "True", timeout=1800)
     payload = _check_mixture_file(out)
-    assert payload["final"]["docs"] > 1 / len(DOMAINS), payload
-    assert payload["average"]["docs"] > 1 / len(DOMAINS), payload
+    assert payload["final"]["docs"] >= 0.9, payload
+    assert payload["average"]["docs"] >= 0.7, payload
     report = json.loads((out / "report.json").read_text())
     assert report["eval_after"]["docs"]["perplexity"] < report["eval_before"]["docs"]["perplexity"]
