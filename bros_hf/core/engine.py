@@ -355,9 +355,9 @@ class BilevelEngine:
                 if coords is None:
                     continue
                 if factor is not None and self.sketch_p.matrices[name] is not None:
-                    coords = coords * factor.to(coords.dtype)  # [m, r]: small
+                    coords = coords * factor.to(coords.device, coords.dtype)  # [m, r]: small
                 elif factor is not None:  # full-space: scale inside the update, no tensor-sized temporary
-                    z.addcmul_(coords.to(z.dtype), factor.to(z.dtype), value=sign * gamma)
+                    z.addcmul_(coords.to(z.dtype), factor.to(z.device, z.dtype), value=sign * gamma)
                     continue
                 self.sketch_p.add_expanded_(name, z, coords, alpha=sign * gamma)
         radius = self.hparams.z_radius
@@ -401,7 +401,9 @@ class BilevelEngine:
             hessian_action=lower.hessian_action,
             upper_grad=upper_grad,
             cross=lower.cross,
-            aux_moments=self.aux_moments(lower.hessian_action),
+            aux_moments=self.aux_moments(lower.hessian_action)
+            if self.hparams.aux_step_limit is not None
+            else torch.zeros(2, device=self.aux_moment_means.device),  # unused without the limit: no Pᵀz pass
         )
 
     def apply(self, terms: Terms, lower_update: LowerUpdate) -> StepStatistics:
