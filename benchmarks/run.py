@@ -179,6 +179,8 @@ def make_spec(
 ) -> dict[str, Any]:
     # Checkpointed runs get their own names: a report never mixes them with runs of the same size and method.
     name = f"{size}__{method.name}" + ("__ac" if settings.get("activation_checkpointing") else "")
+    if settings.get("loss_chunk_size") and method.method != "plain":
+        name += f"__lc{settings['loss_chunk_size']}"
     return {
         "name": name,
         "size": size,
@@ -204,6 +206,7 @@ def make_spec(
         "threads": settings.get("threads"),
         "bf16": bool(settings.get("bf16", False)),
         "activation_checkpointing": bool(settings.get("activation_checkpointing", False)),
+        "loss_chunk_size": settings.get("loss_chunk_size") if method.method != "plain" else None,
         "run_dir": os.path.join(output_dir, "trainer_output", name),
     }
 
@@ -309,6 +312,7 @@ def build_plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
         resample_interval=args.resample_interval,
         bf16=args.bf16,
         activation_checkpointing=args.activation_checkpointing,
+        loss_chunk_size=args.loss_chunk_size,
     )
     grid: dict[str, Any] = dict(settings["grid"])
     if args.sizes:
@@ -408,6 +412,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Every method with the Trainer's activation checkpointing (non-reentrant): activations shrink to "
         "the layers' inputs, so the state each method holds dominates the peak.",
+    )
+    parser.add_argument(
+        "--loss_chunk_size",
+        type=int,
+        help="The bilevel methods compute their per-example losses in chunks of this many tokens (BROSConfig."
+        "loss_chunk_size: the whole [batch, tokens, vocab] logits are never held); the plain Trainer keeps its own "
+        "loss, as a user of it would.",
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="Seconds per configuration.")
     parser.add_argument(

@@ -306,6 +306,7 @@ def build_trainer(spec: dict[str, Any], model, train_ds, target_ds, output_dir: 
         ("upper_lr", "upper_learning_rate"),
         ("ma_weight", "moving_average_weight"),
         ("aux_step_scaling", "aux_step_scaling"),
+        ("loss_chunk_size", "loss_chunk_size"),
     ):
         if spec.get(key) is not None:
             bilevel[field] = spec[key]

@@ -40,8 +40,13 @@ def sequence_losses(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0
     logits (encoder-decoder models: T5, BART), positions labelled −100 ignored. A sequence with no
     valid position gets loss 0."""
     labels = labels.to(logits.device)
-    token_losses = _token_losses(logits, labels, label_smoothing)
-    valid = (labels != IGNORE_INDEX).to(token_losses.dtype)
+    return mean_over_targets(_token_losses(logits, labels, label_smoothing), labels)
+
+
+def mean_over_targets(token_losses: Tensor, targets: Tensor) -> Tensor:
+    """ℓ_i = mean of ``token_losses`` [B, T] over the positions of row i whose target is not −100 (0 for a row
+    without any)."""
+    valid = (targets != IGNORE_INDEX).to(token_losses.dtype)
     return (token_losses * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
 
 
@@ -50,7 +55,12 @@ def causal_lm_losses(logits: Tensor, labels: Tensor, label_smoothing: float = 0.
     labels shifted by one (labels = input_ids, as transformers' causal LMs take them). The labels move, not the
     logits (the last position's target is −100), as transformers' own loss does: slicing the logits would copy
     them, a [B, T, vocab] buffer."""
-    return sequence_losses(logits, _shifted(labels, IGNORE_INDEX), label_smoothing)
+    return sequence_losses(logits, shifted_labels(labels), label_smoothing)
+
+
+def shifted_labels(labels: Tensor) -> Tensor:
+    """A causal LM's targets: ``labels`` moved one position left (position t predicts token t + 1), −100 last."""
+    return _shifted(labels, IGNORE_INDEX)
 
 
 def _shifted(values: Tensor, fill: int) -> Tensor:
@@ -117,9 +127,21 @@ def packed_sequence_losses(
             f"Packed per-segment losses need token logits [R, T, V] and labels and position_ids [R, T]; got logits "
             f"{tuple(logits.shape)}, labels {tuple(labels.shape)}, segments {tuple(segments.shape)}."
         )
-    labels, segments = labels.to(logits.device), segments.to(logits.device)
-    targets, target_segments, valid = _aligned(labels, segments, shift_labels)
-    token_losses = _token_losses(logits, targets.masked_fill(~valid, IGNORE_INDEX), label_smoothing)
+    targets, target_segments, valid = packed_targets(labels.to(logits.device), segments, shift_labels)
+    token_losses = _token_losses(logits, targets, label_smoothing)
+    return mean_over_segments(token_losses, target_segments, valid, num_segments)
+
+
+def packed_targets(labels: Tensor, segments: Tensor, shift_labels: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(targets, their segment, is a valid target) at every position of packed rows (see
+    :func:`packed_sequence_losses`): the targets are −100 wherever they are not valid."""
+    targets, target_segments, valid = _aligned(labels, segments.to(labels.device), shift_labels)
+    return targets.masked_fill(~valid, IGNORE_INDEX), target_segments, valid
+
+
+def mean_over_segments(token_losses: Tensor, target_segments: Tensor, valid: Tensor, num_segments: int) -> Tensor:
+    """ℓ_s = mean of ``token_losses`` over the valid positions whose target belongs to segment s (0 for a segment
+    without any), for s < ``num_segments``."""
     index = target_segments[valid]
     sums = token_losses.new_zeros(num_segments).index_add(0, index, token_losses[valid])
     counts = token_losses.new_zeros(num_segments).index_add(
@@ -159,9 +181,13 @@ __all__ = [
     "causal_lm_losses",
     "classification_losses",
     "logits_of",
+    "mean_over_segments",
+    "mean_over_targets",
     "packed_segments",
     "packed_sequence_losses",
+    "packed_targets",
     "per_example_losses",
     "sequence_losses",
+    "shifted_labels",
     "target_counts",
 ]

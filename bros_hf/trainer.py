@@ -22,7 +22,7 @@ import functools
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import datasets
@@ -34,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Trainer
 
 from bros_hf.checkpointing import AtomicCheckpointMixin
+from bros_hf.chunked_loss import check_split, chunked_token_losses, final_hidden_states, split_causal_lm
 from bros_hf.config import BROSConfig
 from bros_hf.core.engine import BilevelEngine, StepStatistics, Terms, make_lower_loss
 from bros_hf.core.estimators import global_norm
@@ -60,9 +61,13 @@ from bros_hf.export import (
 )
 from bros_hf.losses import (
     logits_of,
+    mean_over_segments,
+    mean_over_targets,
     packed_segments,
     packed_sequence_losses,
+    packed_targets,
     per_example_losses,
+    shifted_labels,
     target_counts,
 )
 from bros_hf.modules import full_space_parameter_names, model_perturber
@@ -150,6 +155,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         self._num_training_steps: int | None = None  # set by create_optimizer_and_scheduler
         self._tokens_per_micro_batch: float | None = None  # loss_normalization="token": N / (processes · micro-batches)
         self._packed_attention_checked = False
+        self._chunked_head_checked = False  # loss_chunk_size: head(base model) checked against the model's logits
         self._mixture_history: list[list[float]] = []
         self._unread_mixtures: list[Tensor] = []  # w of the steps since the last log or read of mixture_history
         # As TRL's trainers keep them: the bilevel metrics come from training steps only. Values are floats or
@@ -163,6 +169,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         args = self.args
         self._train_keys = self._read_keys(keyed_train)
         self._label_space = self._check_label_space(train_dataset, upper_dataset)
+        self._check_loss_chunking()
         self._domain_monitor = self._build_domain_monitor()
         self.upper = self._build_upper_variable(upper_dataset)
         self.upper_stream = UpperStream(
@@ -246,6 +253,24 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
                 UserWarning,
                 stacklevel=3,
             )
+
+    def _check_loss_chunking(self) -> None:
+        """``loss_chunk_size`` computes the built-in causal-LM loss from hidden states: refuse it where that is not
+        the loss (a custom one, an encoder-decoder, a model without a separate head)."""
+        if self.args.loss_chunk_size is None:
+            return
+        if type(self).per_example_loss is not BROSTrainer.per_example_loss or self.compute_loss_func is not None:
+            raise ValueError(
+                "loss_chunk_size computes the built-in causal-LM loss from the final hidden states, chunk by chunk; "
+                "this trainer's per-example loss is custom (an overridden per_example_loss or a compute_loss_func) and "
+                "needs the model's whole logits. Set loss_chunk_size=None."
+            )
+        if self._is_encoder_decoder():
+            raise ValueError(
+                f"loss_chunk_size is for decoder-only causal LMs; {type(self._bilevel_model()).__name__} is an "
+                "encoder-decoder. Set loss_chunk_size=None."
+            )
+        split_causal_lm(self._bilevel_model())
 
     def _check_label_space(self, train_dataset: Any, upper_dataset: Any) -> LabelSpace:
         """Refuse labels / token ids outside the model's label space now, for whole ``datasets``
@@ -576,23 +601,19 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             # No key/value cache in training passes: it costs memory, and with a cache transformers' masks stop
             # reading packed examples' boundaries from position_ids (attention would leak between them).
             model_inputs.setdefault("use_cache", False)
-        with self.compute_loss_context_manager():
-            if isinstance(params, InstalledParameters):  # the perturber has put them in the model already
-                outputs = model(**model_inputs)
-            else:
-                outputs = functional_call(model, dict(params), args=(), kwargs=model_inputs, strict=False)
         labels = inputs["labels"]
-        if packing is None:
-            losses = self.per_example_loss(outputs, labels)
-            counts = None
+        if self.args.loss_chunk_size is not None:
+            losses, counts = self._chunked_losses(params, model_inputs, labels, packing)
         else:
-            if not self._packed_attention_checked:
-                self._check_packed_attention(params, model_inputs, packing.segments, logits_of(outputs))
-            losses = self._packed_loss(outputs, labels, packing)
-            counts = packing.counts
-            if KEY_COLUMN not in inputs:  # upper batches: padding segments are not examples
-                losses = losses[counts > 0]
-                counts = counts[counts > 0]
+            with self.compute_loss_context_manager():
+                if isinstance(params, InstalledParameters):  # the perturber has put them in the model already
+                    outputs = model(**model_inputs)
+                else:
+                    outputs = functional_call(model, dict(params), args=(), kwargs=model_inputs, strict=False)
+            losses, counts = self._losses_from_outputs(params, model_inputs, outputs, labels, packing)
+        if packing is not None and KEY_COLUMN not in inputs:  # upper batches: padding segments are not examples
+            losses = losses[counts > 0]
+            counts = counts[counts > 0]
         if self.args.loss_normalization == "token":
             if counts is None:
                 counts = target_counts(labels, shift_labels=not self._is_encoder_decoder())
@@ -600,13 +621,78 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             losses = losses * counts.to(losses.device) * (counts.numel() / max(total, 1.0))
         return losses
 
+    def _losses_from_outputs(
+        self,
+        params: Mapping[str, Tensor],
+        model_inputs: dict[str, Any],
+        outputs: Any,
+        labels: Tensor,
+        packing: Packing | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """(ℓ_i, target counts of packed segments or None) from the model's outputs (its logits)."""
+        if packing is None:
+            losses = self.per_example_loss(outputs, labels)
+            counts = None
+        else:
+            if not self._packed_attention_checked:
+                logits = logits_of(outputs)
+                self._check_packed_attention(params, model_inputs, packing.segments, lambda row, span: logits[row, span])
+            losses = self._packed_loss(outputs, labels, packing)
+            counts = packing.counts
+        return losses, counts
+
+    def _chunked_losses(
+        self, params: Mapping[str, Tensor], model_inputs: dict[str, Any], labels: Tensor, packing: Packing | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """(ℓ_i, target counts of packed segments or None) with ``loss_chunk_size``: the base model's final hidden
+        states, then the head and token losses chunk by chunk (:func:`bros_hf.chunked_loss.chunked_token_losses`),
+        never the whole [batch, tokens, vocab] logits. The chunks' logits are recomputed in backward, so the
+        parameters must stay installed in the model until then, as the bilevel passes' perturber keeps them."""
+        if not isinstance(params, InstalledParameters):
+            raise RuntimeError(
+                "loss_chunk_size recomputes the head in backward, which needs the pass's parameters installed in the "
+                "model for the whole pass (a LowRankPerturber context); these were passed for a functional_call."
+            )
+        if labels.dim() != 2:
+            raise ValueError(
+                f"loss_chunk_size needs token labels [batch, tokens] (a causal LM); got labels of shape "
+                f"{tuple(labels.shape)}. Set loss_chunk_size=None."
+            )
+        model = self._bilevel_model()
+        base, head = split_causal_lm(model)
+        with self.compute_loss_context_manager():
+            if not self._chunked_head_checked:
+                check_split(model, model_inputs, half_precision=self._half_precision_logits())
+                self._chunked_head_checked = True
+            hidden = final_hidden_states(base, model_inputs)
+            chunk, smoothing = self.args.loss_chunk_size, self.args.label_smoothing_factor
+            if packing is None:
+                targets = shifted_labels(labels.to(hidden.device))
+                return mean_over_targets(chunked_token_losses(hidden, head, targets, chunk, smoothing), targets), None
+            targets, target_segments, valid = packed_targets(labels.to(hidden.device), packing.segments)
+            if not self._packed_attention_checked:
+                self._check_packed_attention(
+                    params, model_inputs, packing.segments, lambda row, span: head(hidden.detach()[row, span])
+                )
+            token_losses = chunked_token_losses(hidden, head, targets, chunk, smoothing)
+            return mean_over_segments(token_losses, target_segments, valid, packing.examples), packing.counts
+
+    def _half_precision_logits(self) -> bool:
+        model = self._bilevel_model()
+        dtype = next(model.parameters()).dtype
+        return dtype in (torch.bfloat16, torch.float16) or self.accelerator.mixed_precision == "bf16"
+
     @torch.no_grad()
     def _check_packed_attention(
-        self, params: Mapping[str, Tensor], model_inputs: dict[str, Any], segments: Tensor, packed_logits: Tensor
+        self,
+        params: Mapping[str, Tensor],
+        model_inputs: dict[str, Any],
+        segments: Tensor,
+        packed_logits_at: Callable[[int, Tensor], Tensor],
     ) -> None:
-        """Once per run: the second packed example's logits (``packed_logits``: the pass's own) must equal those
-        of the same example run alone, or attention leaks across packed examples (an attention implementation
-        that ignores position_ids)."""
+        """Once per run: the second packed example's logits (``packed_logits_at(row, positions)``: the pass's own)
+        must equal those of the same example run alone, or attention leaks across packed examples (an attention
+        implementation that ignores position_ids)."""
         self._packed_attention_checked = True
         rows, positions = torch.nonzero(segments == 1, as_tuple=True)
         if rows.numel() == 0 or "input_ids" not in model_inputs:
@@ -619,8 +705,8 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             alone_inputs["use_cache"] = model_inputs["use_cache"]
         with self.compute_loss_context_manager():
             alone = functional_call(model, dict(params), args=(), kwargs=alone_inputs, strict=False)
-        half = packed_logits.dtype in (torch.bfloat16, torch.float16) or self.accelerator.mixed_precision == "bf16"
-        packed_logits = packed_logits.detach()[row, span].float()
+        packed_logits = packed_logits_at(row, span).detach().float()
+        half = self._half_precision_logits()
         alone_logits = logits_of(alone)[0].float()
         error = float((packed_logits - alone_logits).abs().max()) / max(float(alone_logits.abs().max()), 1e-6)
         tolerance = 3e-2 if half else 1e-3

@@ -187,6 +187,23 @@ def test_packed_chats_learn_the_target_domains_with_one_key_per_segment(tmp_path
     assert packed_loss == pytest.approx(unpacked_loss, rel=1e-4)
 
 
+def test_chunked_loss_gives_the_same_packed_completion_only_run(tmp_path):
+    """loss_chunk_size under TRL's preparation (packed rows, completion-only labels): the run on the whole logits."""
+    train, upper, _ = chat_data("prompt_completion", per_domain=24, target=16)
+    runs = {}
+    for chunk in (None, 40):
+        trainer = make_trainer(tmp_path / str(chunk), train, upper, packing=True, per_device_train_batch_size=3,
+                               max_steps=5, upper_warmup_steps=0, loss_chunk_size=chunk)
+        trainer.train()
+        runs[chunk] = trainer
+    assert runs[40]._chunked_head_checked
+    reach = float(runs[None].upper.logits.abs().max())
+    assert reach > 0.01
+    torch.testing.assert_close(runs[40].upper.logits, runs[None].upper.logits, rtol=0, atol=5e-3 * reach)
+    for name, z in runs[None].engine.z.items():
+        torch.testing.assert_close(runs[40].engine.z[name], z, rtol=1e-4, atol=1e-4 * float(z.abs().max()))
+
+
 def test_prompt_completion_trains_on_completions_only_and_learns_the_target(tmp_path):
     train, upper, _ = chat_data("prompt_completion", reply=(3, 8))  # random ≤ 0.08 over seeds 0-3
     trainer = make_trainer(tmp_path, train, upper)
