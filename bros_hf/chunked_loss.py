@@ -46,7 +46,22 @@ def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
             f"{type(inner).__name__} has {'no base model' if base is None or base is inner else 'no output embedding'}. "
             "Set loss_chunk_size=None."
         )
+    config = getattr(inner, "config", None)
+    after_head = {
+        name: getattr(config, name, None) for name in LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)
+    }
+    if after_head:
+        raise ValueError(
+            f"{type(inner).__name__} transforms its logits after the head ({after_head}), so loss_chunk_size, which "
+            "computes the loss from head(last hidden state), would train on other losses than the model's. Set "
+            "loss_chunk_size=None for this model."
+        )
     return base, head
+
+
+# Config fields of transformers models that change the logits after the head (Gemma 2/3's soft-cap, Granite's divisor,
+# Cohere's multiplier). Other such models are caught by check_split, once their logits differ measurably.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logits_scaling", "logit_scale")
 
 
 def final_hidden_states(base: nn.Module, model_inputs: dict[str, Any]) -> Tensor:

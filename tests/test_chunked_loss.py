@@ -138,11 +138,33 @@ def test_packed_rows_sample_mode_and_label_smoothing_with_chunked_loss(tmp_path,
     _assert_same_run(chunked, whole)
 
 
-def test_a_model_that_scales_its_logits_after_the_head_is_refused(tmp_path, one_thread):
-    config = transformers.GraniteConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                        num_key_value_heads=1, intermediate_size=64, logits_scaling=4.0)
-    with pytest.raises(ValueError, match="GraniteForCausalLM does not compute its logits as"):
-        _run(tmp_path, lambda: transformers.GraniteForCausalLM(config), max_steps=1, loss_chunk_size=16)
+@pytest.mark.parametrize(
+    ("family", "extra"),
+    [("Granite", {"logits_scaling": 4.0}), ("Gemma2", {"final_logit_softcapping": 30.0, "head_dim": 16})],
+)
+def test_a_model_that_scales_its_logits_after_the_head_is_refused(tmp_path, one_thread, family, extra):
+    """Granite divides the head's logits by logits_scaling, Gemma 2 soft-caps them: head(base model) is not the loss's
+    input, and the trainer refuses at construction."""
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, **extra)
+    model_class = getattr(transformers, f"{family}ForCausalLM")
+    with pytest.raises(ValueError, match=f"{family}ForCausalLM transforms its logits after the head"):
+        _run(tmp_path, lambda: model_class(config), max_steps=1, loss_chunk_size=16)
+
+
+def test_logits_that_differ_from_head_of_base_model_are_caught_on_the_first_step(tmp_path, one_thread):
+    """A model whose forward changes the logits in a way no config field names: the numerical check catches it."""
+
+    class ShiftedLogits(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            outputs = super().forward(*args, **kwargs)
+            outputs.logits = outputs.logits + torch.arange(outputs.logits.shape[-1], dtype=outputs.logits.dtype)
+            return outputs
+
+    config = _llama().config
+    with pytest.raises(ValueError, match="ShiftedLogits does not compute its logits as"):
+        _run(tmp_path, lambda: ShiftedLogits(config), max_steps=1, loss_chunk_size=16)
 
 
 def test_loss_chunking_is_refused_where_it_is_not_the_loss(tmp_path):
