@@ -180,3 +180,16 @@ def test_loss_chunking_is_refused_where_it_is_not_the_loss(tmp_path):
         BROSTrainer(model=t5, args=args, train_dataset=train, upper_dataset=target)
     with pytest.raises(ValueError, match="loss_chunk_size must be ≥ 1"):
         make_args(tmp_path, loss_chunk_size=0)
+
+
+def test_peft_model_with_chunked_loss_equals_the_whole_logits_run(tmp_path, one_thread):
+    """A peft model is split through the transformers model it wraps (its LoRA layers inside the base model)."""
+    from peft import LoraConfig, get_peft_model
+
+    def lora_llama():
+        return get_peft_model(_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+    whole = _run(tmp_path / "whole", lora_llama, learning_rate=1e-2)
+    chunked = _run(tmp_path / "chunked", lora_llama, learning_rate=1e-2, loss_chunk_size=50)
+    assert chunked._chunked_head_checked
+    _assert_same_run(chunked, whole)
