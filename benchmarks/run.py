@@ -181,6 +181,8 @@ def make_spec(
     name = f"{size}__{method.name}" + ("__ac" if settings.get("activation_checkpointing") else "")
     if settings.get("loss_chunk_size") and method.method != "plain":
         name += f"__lc{settings['loss_chunk_size']}"
+    if settings.get("z_dtype") and method.method != "plain":
+        name += f"__z{settings['z_dtype']}"
     return {
         "name": name,
         "size": size,
@@ -207,6 +209,7 @@ def make_spec(
         "bf16": bool(settings.get("bf16", False)),
         "activation_checkpointing": bool(settings.get("activation_checkpointing", False)),
         "loss_chunk_size": settings.get("loss_chunk_size") if method.method != "plain" else None,
+        "z_dtype": settings.get("z_dtype") if method.method != "plain" else None,
         "run_dir": os.path.join(output_dir, "trainer_output", name),
     }
 
@@ -313,6 +316,7 @@ def build_plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
         bf16=args.bf16,
         activation_checkpointing=args.activation_checkpointing,
         loss_chunk_size=args.loss_chunk_size,
+        z_dtype=args.z_dtype,
     )
     grid: dict[str, Any] = dict(settings["grid"])
     if args.sizes:
@@ -419,6 +423,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="The bilevel methods compute their per-example losses in chunks of this many tokens (BROSConfig."
         "loss_chunk_size: the whole [batch, tokens, vocab] logits are never held); the plain Trainer keeps its own "
         "loss, as a user of it would.",
+    )
+    parser.add_argument(
+        "--z_dtype",
+        choices=["float32", "bfloat16"],
+        help="The bilevel methods store z in this dtype (BROSConfig.z_dtype; default float32).",
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="Seconds per configuration.")
     parser.add_argument(

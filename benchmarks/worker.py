@@ -307,6 +307,7 @@ def build_trainer(spec: dict[str, Any], model, train_ds, target_ds, output_dir: 
         ("ma_weight", "moving_average_weight"),
         ("aux_step_scaling", "aux_step_scaling"),
         ("loss_chunk_size", "loss_chunk_size"),
+        ("z_dtype", "z_dtype"),
     ):
         if spec.get(key) is not None:
             bilevel[field] = spec[key]

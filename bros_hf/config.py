@@ -179,6 +179,15 @@ class BROSConfig(TrainingArguments):
             "learned mixtures measured."
         },
     )
+    z_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Storage of the auxiliary variable z (one value per trainable parameter). 'bfloat16' halves it "
+            "(4 -> 2 bytes per parameter): each update is computed in float32, a block of rows at a time, and "
+            "stochastically rounded back, so it is unbiased and small steps are not lost to rounding.",
+            "choices": ["float32", "bfloat16"],
+        },
+    )
     mixture_floor: float = field(
         default=0.0,
         metadata={"help": "Domain mode: ε in w = (1-ε) softmax(λ) + ε/K, keeping every domain's weight ≥ ε/K."},
@@ -245,6 +254,8 @@ class BROSConfig(TrainingArguments):
             raise ValueError(
                 f"lower_full_space_modules={modules}: 'none' (sketch every matrix) cannot be combined with module names."
             )
+        if self.z_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"z_dtype must be 'float32' or 'bfloat16', got {self.z_dtype!r}.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be ≥ 1 (tokens per chunk) or None, got {self.loss_chunk_size}.")
         if self.upper_batch_size is not None and self.upper_batch_size < 1:
@@ -376,4 +387,5 @@ class BROSConfig(TrainingArguments):
             aux_step_limit=self.aux_step_limit,
             fd_eps=self.resolved_finite_difference_eps(half_precision),
             upper_warmup_steps=self.upper_warmup_steps,
+            z_dtype=None if self.z_dtype == "float32" else self.z_dtype,
         )

@@ -51,6 +51,34 @@ AUX_MOMENT_DECAY = 0.9
 """Decay of the running means behind the auxiliary step's limit (:meth:`BilevelEngine.aux_step_factor`)."""
 
 
+# Largest block (elements) of a low-precision z updated at once in float32: 16 MB of temporaries per block.
+Z_UPDATE_BLOCK = 1 << 22
+
+
+def stochastic_round(x: Tensor, dtype: torch.dtype, generator: torch.Generator) -> Tensor:
+    """float32 ``x`` to bfloat16, rounded up or down at random so that E[result] = x: the 16 low bits of the float32
+    pattern, read as a fraction of the bfloat16 spacing, are the probability of rounding the magnitude up
+    (a uniform 16-bit integer added to them carries into the kept bits with exactly that probability).
+    Round-to-nearest would drop every update smaller than half that spacing (2⁻⁹ relative), so z would stop
+    moving once its steps are small."""
+    if dtype != torch.bfloat16:
+        raise ValueError(f"stochastic_round rounds float32 to bfloat16, not to {dtype}.")
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, generator=generator, device=bits.device, dtype=torch.int32)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _float32_dot(x: Tensor, y: Tensor) -> Tensor:
+    """⟨x, y⟩ of two flat tensors accumulated in float32, in blocks of ``Z_UPDATE_BLOCK`` elements when either is in a
+    lower precision (no full-size float32 copy of a bfloat16 z)."""
+    if x.dtype == y.dtype == torch.float32:
+        return torch.dot(x, y)
+    return sum(
+        (torch.dot(x[i : i + Z_UPDATE_BLOCK].float(), y[i : i + Z_UPDATE_BLOCK].float()) for i in range(0, x.numel(), Z_UPDATE_BLOCK)),
+        torch.zeros((), device=x.device),
+    )
+
+
 @dataclass
 class BilevelHyperparameters:
     """Knobs of the bilevel step (see module docstring for the equations)."""
@@ -71,6 +99,7 @@ class BilevelHyperparameters:
     fd_eps: float = DEFAULT_FD_EPS
     upper_warmup_steps: int = 0
     lower_full_space: tuple[str, ...] = ()
+    z_dtype: Literal["bfloat16"] | None = None  # None: float32
 
     def __post_init__(self) -> None:
         if self.method not in ("bros", "masoba"):
@@ -95,6 +124,8 @@ class BilevelHyperparameters:
                 f"aux_step_limit c must be in (0, 2) (the auxiliary iteration stops contracting at c = 2) or None, "
                 f"got {self.aux_step_limit}."
             )
+        if self.z_dtype not in (None, "bfloat16"):
+            raise ValueError(f"z_dtype must be None (float32) or 'bfloat16', got {self.z_dtype!r}.")
         self.lower_full_space = tuple(self.lower_full_space)
 
 
@@ -234,7 +265,8 @@ class BilevelEngine:
         self.hparams = hparams
         device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.z = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+        z_dtype = torch.bfloat16 if hparams.z_dtype == "bfloat16" else torch.float32
+        self.z = {n: torch.zeros_like(p, dtype=z_dtype) for n, p in self.params.items()}
         self.aux_moment_means = torch.zeros(2, device=device)  # running means of Terms.aux_moments
         self._z_in_p: dict[str, Tensor] | None = None  # Pᵀz of this step (z and P are fixed within a step)
         self.step_count = 0
@@ -305,7 +337,7 @@ class BilevelEngine:
         along, square = torch.zeros((), device=device), torch.zeros((), device=device)
         for name, z_p in self._z_in_p.items():
             action = hessian_action[name].detach()
-            along += torch.dot(z_p.reshape(-1), action.reshape(-1).to(z_p.dtype)).to(device)
+            along += _float32_dot(z_p.reshape(-1), action.reshape(-1)).to(device)
             square += self.aux_step_size(name) * self.sketch_p.expanded_norm_sq(name, action).to(device)
         return torch.stack([along, square])
 
@@ -348,7 +380,12 @@ class BilevelEngine:
     ) -> None:
         """z ← Π_R(z − κ γ_n P (Pᵀ H Q Qᵀ z − Pᵀ∇f)); all arguments are P-coordinates (empty ``upper_grad``:
         ``hessian_action`` is already the residual); κ = ``factor`` (:meth:`aux_step_factor`; None: 1). Sketched
-        tensors are updated in place through ``addmm_`` on a view of z, so no full-size P·residual is formed."""
+        tensors are updated in place through ``addmm_`` on a view of z, so no full-size P·residual is formed. A bfloat16
+        z (``z_dtype``) is updated in float32 blocks of rows and stochastically rounded back (:func:`stochastic_round`)."""
+        if self.hparams.z_dtype is not None:
+            self._update_low_precision_z(hessian_action, upper_grad, factor)
+            self._project_z()
+            return
         for name, z in self.z.items():
             gamma = self.aux_step_size(name)
             for coords, sign in ((hessian_action[name], -1.0), (upper_grad.get(name), 1.0)):
@@ -360,11 +397,42 @@ class BilevelEngine:
                     z.addcmul_(coords.to(z.dtype), factor.to(z.device, z.dtype), value=sign * gamma)
                     continue
                 self.sketch_p.add_expanded_(name, z, coords, alpha=sign * gamma)
+        self._project_z()
+
+    def _project_z(self) -> None:
+        """z ← z · min(1, R / ‖z‖) (Π_R), on the device (no host synchronisation)."""
         radius = self.hparams.z_radius
-        if radius is not None:  # z ← z · min(1, R / ‖z‖), on the device (no host synchronisation)
+        if radius is not None:
             shrink = (radius / global_norm(self.z)).clamp_(max=1.0)
             for z in self.z.values():
                 z.mul_(shrink.to(z.device))
+
+    def _update_low_precision_z(
+        self, hessian_action: Mapping[str, Tensor], upper_grad: Mapping[str, Tensor], factor: Tensor | None
+    ) -> None:
+        """The step of :meth:`update_auxiliary` on a low-precision z: each tensor, viewed as [m, n], in blocks of
+        rows of at most ``Z_UPDATE_BLOCK`` elements: float32 copy, + κ γ_n (± P coordinates), stochastic rounding
+        back. Unbiased (E[z'] is the float32 result) and without a full-size float32 temporary."""
+        for name, z in self.z.items():
+            gamma, matrix = self.aux_step_size(name), self.sketch_p.matrices[name]
+            terms = [
+                (coords, sign * gamma)
+                for coords, sign in ((hessian_action[name], -1.0), (upper_grad.get(name), 1.0))
+                if coords is not None
+            ]
+            flat = z.view(z.shape[0], -1) if z.dim() > 0 else z.view(1, 1)
+            rows = max(1, Z_UPDATE_BLOCK // flat.shape[1])
+            for start in range(0, flat.shape[0], rows):
+                work = flat[start : start + rows].float()
+                for coords, alpha in terms:
+                    block = coords.reshape(flat.shape[0], -1)[start : start + rows].float()
+                    if factor is not None:
+                        block = block * factor.to(block.device)
+                    if matrix is None:
+                        work.add_(block, alpha=alpha)
+                    else:
+                        work.addmm_(block, matrix.T.to(block.dtype), alpha=alpha)
+                flat[start : start + rows] = stochastic_round(work, z.dtype, self.generator)
 
     def update_upper(self, hypergradient: Tensor) -> bool:
         """h, λ update with D (skipped during the upper warm-up or when D is non-finite)."""
