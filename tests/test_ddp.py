@@ -158,3 +158,15 @@ def test_rank_mismatches_names_quantities_tensors_and_rank_groups():
     assert rank_mismatches(agreeing) == []
     diverged = [fingerprint(z), fingerprint(nudged), fingerprint(z.clone())]
     assert rank_mismatches(diverged) == ["z differs across ranks: a (ranks [0, 2] vs [1])."]
+
+
+def test_bfloat16_z_stays_identical_across_ranks_and_saves(tmp_path):
+    """z_dtype='bfloat16': the stochastic rounding draws from the engine's generator, seeded alike on every rank, so
+    z stays bit-identical across processes and the saves' cross-rank check passes."""
+    output_dir = tmp_path / "out"
+    assert_ok(run(ddp_command(output_dir, "--max_steps", "10", "--z_dtype", "bfloat16", *SAVES)))
+    rank0 = torch.load(output_dir / "final_state_rank0.pt", weights_only=True)
+    rank1 = torch.load(output_dir / "final_state_rank1.pt", weights_only=True)
+    assert all(z.dtype == torch.bfloat16 for z in rank0["z"].values())
+    assert_identical(rank0, rank1)
+    assert (output_dir / "checkpoint-10" / "bros_state_rank0.pt").exists()
