@@ -26,11 +26,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from bros_hf.losses import IGNORE_INDEX
+from bros_hf.losses import token_losses
 
 
 def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -72,9 +71,7 @@ def final_hidden_states(base: nn.Module, model_inputs: dict[str, Any]) -> Tensor
 
 
 def _head_token_losses(head: nn.Module, hidden: Tensor, targets: Tensor, label_smoothing: float) -> Tensor:
-    return F.cross_entropy(
-        head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="none", label_smoothing=label_smoothing
-    )
+    return token_losses(head(hidden), targets, label_smoothing)
 
 
 def chunked_token_losses(

@@ -23,7 +23,7 @@ def logits_of(outputs: Any) -> Tensor:
     return outputs.logits
 
 
-def _token_losses(logits: Tensor, labels: Tensor, label_smoothing: float) -> Tensor:
+def token_losses(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """−log softmax(logits_t)[y_t] at every position (label-smoothed: (1 − ε)·that + ε·mean_v −log p_v,
     as the Trainer's ``label_smoothing_factor``), 0 where y_t = −100; the shape of ``labels``."""
     return F.cross_entropy(
@@ -40,14 +40,14 @@ def sequence_losses(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0
     logits (encoder-decoder models: T5, BART), positions labelled −100 ignored. A sequence with no
     valid position gets loss 0."""
     labels = labels.to(logits.device)
-    return mean_over_targets(_token_losses(logits, labels, label_smoothing), labels)
+    return mean_over_targets(token_losses(logits, labels, label_smoothing), labels)
 
 
-def mean_over_targets(token_losses: Tensor, targets: Tensor) -> Tensor:
-    """ℓ_i = mean of ``token_losses`` [B, T] over the positions of row i whose target is not −100 (0 for a row
+def mean_over_targets(per_token: Tensor, targets: Tensor) -> Tensor:
+    """ℓ_i = mean of the token losses ``per_token`` [B, T] over the positions of row i whose target is not −100 (0 for a row
     without any)."""
-    valid = (targets != IGNORE_INDEX).to(token_losses.dtype)
-    return (token_losses * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
+    valid = (targets != IGNORE_INDEX).to(per_token.dtype)
+    return (per_token * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
 
 
 def causal_lm_losses(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -128,8 +128,7 @@ def packed_sequence_losses(
             f"{tuple(logits.shape)}, labels {tuple(labels.shape)}, segments {tuple(segments.shape)}."
         )
     targets, target_segments, valid = packed_targets(labels.to(logits.device), segments, shift_labels)
-    token_losses = _token_losses(logits, targets, label_smoothing)
-    return mean_over_segments(token_losses, target_segments, valid, num_segments)
+    return mean_over_segments(token_losses(logits, targets, label_smoothing), target_segments, valid, num_segments)
 
 
 def packed_targets(labels: Tensor, segments: Tensor, shift_labels: bool = True) -> tuple[Tensor, Tensor, Tensor]:
@@ -139,12 +138,12 @@ def packed_targets(labels: Tensor, segments: Tensor, shift_labels: bool = True) 
     return targets.masked_fill(~valid, IGNORE_INDEX), target_segments, valid
 
 
-def mean_over_segments(token_losses: Tensor, target_segments: Tensor, valid: Tensor, num_segments: int) -> Tensor:
-    """ℓ_s = mean of ``token_losses`` over the valid positions whose target belongs to segment s (0 for a segment
+def mean_over_segments(per_token: Tensor, target_segments: Tensor, valid: Tensor, num_segments: int) -> Tensor:
+    """ℓ_s = mean of the token losses ``per_token`` over the valid positions whose target belongs to segment s (0 for a segment
     without any), for s < ``num_segments``."""
     index = target_segments[valid]
-    sums = token_losses.new_zeros(num_segments).index_add(0, index, token_losses[valid])
-    counts = token_losses.new_zeros(num_segments).index_add(
+    sums = per_token.new_zeros(num_segments).index_add(0, index, per_token[valid])
+    counts = per_token.new_zeros(num_segments).index_add(
         0, index, torch.ones_like(index, dtype=sums.dtype)
     )
     return sums / counts.clamp(min=1.0)
@@ -190,4 +189,5 @@ __all__ = [
     "sequence_losses",
     "shifted_labels",
     "target_counts",
+    "token_losses",
 ]

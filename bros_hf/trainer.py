@@ -662,7 +662,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         base, head = split_causal_lm(model)
         with self.compute_loss_context_manager():
             if not self._chunked_head_checked:
-                check_split(model, model_inputs, half_precision=self._half_precision_logits())
+                check_split(model, model_inputs, half_precision=self._half_precision(next(model.parameters()).dtype))
                 self._chunked_head_checked = True
             hidden = final_hidden_states(base, model_inputs)
             chunk, smoothing = self.args.loss_chunk_size, self.args.label_smoothing_factor
@@ -677,9 +677,8 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             token_losses = chunked_token_losses(hidden, head, targets, chunk, smoothing)
             return mean_over_segments(token_losses, target_segments, valid, packing.examples), packing.counts
 
-    def _half_precision_logits(self) -> bool:
-        model = self._bilevel_model()
-        dtype = next(model.parameters()).dtype
+    def _half_precision(self, dtype: torch.dtype) -> bool:
+        """Whether logits computed in ``dtype`` (or under bf16 autocast) carry half-precision round-off."""
         return dtype in (torch.bfloat16, torch.float16) or self.accelerator.mixed_precision == "bf16"
 
     @torch.no_grad()
@@ -705,8 +704,9 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             alone_inputs["use_cache"] = model_inputs["use_cache"]
         with self.compute_loss_context_manager():
             alone = functional_call(model, dict(params), args=(), kwargs=alone_inputs, strict=False)
-        packed_logits = packed_logits_at(row, span).detach().float()
-        half = self._half_precision_logits()
+        packed_logits = packed_logits_at(row, span).detach()
+        half = self._half_precision(packed_logits.dtype)
+        packed_logits = packed_logits.float()
         alone_logits = logits_of(alone)[0].float()
         error = float((packed_logits - alone_logits).abs().max()) / max(float(alone_logits.abs().max()), 1e-6)
         tolerance = 3e-2 if half else 1e-3

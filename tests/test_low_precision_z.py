@@ -103,3 +103,14 @@ def test_config_names_the_choices():
         BROSConfig(output_dir="out", max_steps=10, z_dtype="float16")
     assert BROSConfig(output_dir="out", max_steps=10).bilevel_hyperparameters().z_dtype is None
     assert BROSConfig(output_dir="out", max_steps=10, z_dtype="bfloat16").bilevel_hyperparameters().z_dtype == "bfloat16"
+
+
+def test_a_transposed_parameter_gets_a_contiguous_bfloat16_z():
+    """θ stored transposed (non-contiguous strides): the blockwise update still writes z, as for a contiguous θ."""
+    base = torch.randn(40, 12, generator=torch.Generator().manual_seed(1))
+    hparams = BilevelHyperparameters(method="masoba", aux_lr=0.3, z_radius=None, z_dtype="bfloat16")
+    engine = BilevelEngine({"w": base.t()}, _LogRegularisation(1), hparams, seed=0)
+    assert engine.z["w"].is_contiguous()
+    update = torch.randn(12, 40, generator=torch.Generator().manual_seed(2))
+    engine.update_auxiliary({"w": torch.zeros(12, 40)}, {"w": update})
+    torch.testing.assert_close(engine.z["w"].float(), 0.3 * update, rtol=2**-7, atol=0)

@@ -266,7 +266,9 @@ class BilevelEngine:
         device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
         self.generator = torch.Generator(device=device).manual_seed(seed)
         z_dtype = torch.bfloat16 if hparams.z_dtype == "bfloat16" else torch.float32
-        self.z = {n: torch.zeros_like(p, dtype=z_dtype) for n, p in self.params.items()}
+        # A bfloat16 z is contiguous whatever θ's strides: its update writes through [m, n] views.
+        layout = torch.contiguous_format if hparams.z_dtype is not None else torch.preserve_format
+        self.z = {n: torch.zeros_like(p, dtype=z_dtype, memory_format=layout) for n, p in self.params.items()}
         self.aux_moment_means = torch.zeros(2, device=device)  # running means of Terms.aux_moments
         self._z_in_p: dict[str, Tensor] | None = None  # Pᵀz of this step (z and P are fixed within a step)
         self.step_count = 0
