@@ -1,9 +1,9 @@
 """Per-example losses of a causal LM without holding its [batch, tokens, vocab] logits.
 
 A causal LM's head maps the final hidden states h ∈ R^{B×T×d} to logits h Wᵀ ∈ R^{B×T×V}. For a large
-vocabulary these logits, their log-softmax (saved for backward) and their gradient are the largest tensors of a
-pass: 309 MB each for GPT-2 (V = 50 257) at 3 × 512 tokens in float32. Here the head and the token loss run on
-chunks of c tokens,
+vocabulary these logits (saved for backward by the token loss, :mod:`bros_hf.cross_entropy`) and their gradient
+are the largest tensors of a pass: 309 MB each for GPT-2 (V = 50 257) at 3 × 512 tokens in float32. Here the head
+and the token loss run on chunks of c tokens,
 
     ℓ_t = −log softmax(head(h_t))[y_t]       for the tokens t of one chunk,
 

@@ -215,7 +215,7 @@ class BROSConfig(TrainingArguments):
         metadata={
             "help": "Causal LMs: compute the per-example losses from the base model's final hidden states in chunks "
             "of this many tokens, each chunk's logits recomputed in backward instead of kept (activation "
-            "checkpointing of the head and the loss). The [batch, tokens, vocab] logits, their log-softmax and their "
+            "checkpointing of the head and the loss). The [batch, tokens, vocab] logits and their "
             "gradient (309 MB each for GPT-2 at 3 x 512 tokens in fp32) are then never held whole, at the cost of one "
             "more head product per pass. Checked once per run against the model's own logits (models that scale or "
             "soft-cap their logits after the head are refused). None (default): the model's own logits, as the Trainer."

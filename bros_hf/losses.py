@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bros_hf.cross_entropy import token_cross_entropy
+
 IGNORE_INDEX = -100
 
 
@@ -26,13 +28,8 @@ def logits_of(outputs: Any) -> Tensor:
 def token_losses(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """−log softmax(logits_t)[y_t] at every position (label-smoothed: (1 − ε)·that + ε·mean_v −log p_v,
     as the Trainer's ``label_smoothing_factor``), 0 where y_t = −100; the shape of ``labels``."""
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-        label_smoothing=label_smoothing,
-    ).view(labels.shape)
+    flat_logits = logits.reshape(-1, logits.size(-1))
+    return token_cross_entropy(flat_logits, labels.reshape(-1), IGNORE_INDEX, label_smoothing).view(labels.shape)
 
 
 def sequence_losses(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:

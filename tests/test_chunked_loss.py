@@ -13,6 +13,7 @@ from transformers import DataCollatorWithFlattening, GPT2Config, GPT2LMHeadModel
 from bros_hf import BROSTrainer
 from bros_hf.chunked_loss import chunked_token_losses
 from tests import toy
+from tests.saved_bytes import saved_for_backward_bytes
 from tests.test_padding_free import variable_length_domains
 from tests.test_trainer import make_args
 from tests.test_trainer_lm import token_domains
@@ -51,20 +52,9 @@ def test_chunks_do_not_keep_the_logits_for_backward():
     hidden = torch.randn(tokens, 16, requires_grad=True)
     targets = torch.randint(0, vocab, (tokens,))
 
-    def saved_bytes(compute) -> int:
-        sizes: dict[int, int] = {}
-
-        def pack(t):
-            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            compute()
-        return sum(sizes.values())
-
     logits_bytes = tokens * vocab * 4
-    whole = saved_bytes(lambda: F.cross_entropy(head(hidden), targets, reduction="none"))
-    chunked = saved_bytes(lambda: chunked_token_losses(hidden, head, targets, chunk_tokens=64))
+    whole = saved_for_backward_bytes(lambda: F.cross_entropy(head(hidden), targets, reduction="none"))
+    chunked = saved_for_backward_bytes(lambda: chunked_token_losses(hidden, head, targets, chunk_tokens=64))
     assert whole >= logits_bytes, whole
     assert chunked < logits_bytes / 20, chunked
 

@@ -13,6 +13,7 @@ from bros_hf.core.estimators import SubspaceVector, _CommonRandomNumbers, _first
 from bros_hf.losses import per_example_losses
 from bros_hf.modules import model_perturber
 from tests.parity import materialised_and_hooked
+from tests.saved_bytes import saved_for_backward_bytes
 from tests.toy import tiny_llama
 
 
@@ -110,17 +111,7 @@ def test_finite_difference_pass_matches_double_backward(rank):
 
 def _saved_activation_bytes(run, params: dict[str, torch.Tensor]) -> int:
     """Bytes autograd saves for backward while ``run()`` builds its graph (parameters' storages excluded)."""
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    weights = {p.untyped_storage().data_ptr() for p in params.values()}
-    return sum(size for pointer, size in storages.items() if pointer not in weights)
+    return saved_for_backward_bytes(run, params.values())
 
 
 def test_first_order_pass_saves_no_more_than_a_plain_training_step():
