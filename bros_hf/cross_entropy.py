@@ -27,12 +27,13 @@ BLOCK_ELEMENTS = 1 << 22
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int, label_smoothing: float = 0.0) -> Tensor:
-    """ℓ_t for logits [N, V] and labels [N]: an [N] tensor in float32 (float64 for float64 logits), 0 where ``labels == ignore_index``; equal to
-    ``F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none",
-    label_smoothing=label_smoothing)`` in value and gradient."""
+    """ℓ_t for logits [N, V] and labels [N]: an [N] tensor in float32 (float64 for float64 logits), 0 where
+    ``labels == ignore_index``; equal to ``F.cross_entropy(logits.float(), labels, ignore_index=ignore_index,
+    reduction="none", label_smoothing=label_smoothing)`` in value and gradient."""
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(
-            f"token_cross_entropy takes logits [N, V] and labels [N]; got {tuple(logits.shape)} and {tuple(labels.shape)}."
+            f"token_cross_entropy takes logits [N, V] and labels [N]; got {tuple(logits.shape)} and "
+            f"{tuple(labels.shape)}."
         )
     return _TokenCrossEntropy.apply(logits, labels, ignore_index, float(label_smoothing))
 
@@ -71,13 +72,17 @@ class _TokenCrossEntropy(torch.autograd.Function):
         if torch.is_grad_enabled():  # double backward: every factor differentiable in the logits (and in grad_loss)
             probabilities = torch.softmax(logits.to(lse.dtype), dim=1)
             one_hot = torch.zeros_like(probabilities).scatter_(1, targets[:, None], 1.0 - smoothing)
-            return ((probabilities - one_hot - smoothing / vocabulary) * weight).to(logits.dtype), None, None, None
+            grad = (probabilities - one_hot - smoothing / vocabulary) * weight
+            return grad.to(logits.dtype), None, None, None
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         in_place = logits.dtype == lse.dtype
         step = _row_step(logits)
+        # Lower-precision logits: each block in float32 in one scratch buffer, then rounded into the gradient.
+        scratch = None if in_place else torch.empty(min(step, logits.shape[0]), vocabulary, dtype=lse.dtype,
+                                                    device=grad.device)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
-            block = grad[rows] if in_place else torch.empty(grad[rows].shape, dtype=lse.dtype, device=grad.device)
+            block = grad[rows] if in_place else scratch[: grad[rows].shape[0]]
             torch.sub(logits[rows], lse[rows, None], out=block)
             block.exp_().mul_(weight[rows])
             block.scatter_add_(1, targets[rows, None], weight[rows] * -(1.0 - smoothing))

@@ -109,11 +109,6 @@ def test_finite_difference_pass_matches_double_backward(rank):
         assert abs(float(fd.loss - exact.loss)) < 1e-4
 
 
-def _saved_activation_bytes(run, params: dict[str, torch.Tensor]) -> int:
-    """Bytes autograd saves for backward while ``run()`` builds its graph (parameters' storages excluded)."""
-    return saved_for_backward_bytes(run, params.values())
-
-
 def test_first_order_pass_saves_no_more_than_a_plain_training_step():
     """A hooked gradient pass (probe coordinates U and P, plus the ±δd shift) keeps the activations of a
     plain forward with trainable weights, not more: the probes save x B ([tokens, r]), never x.
@@ -152,8 +147,8 @@ def test_first_order_pass_saves_no_more_than_a_plain_training_step():
         )
 
     with sdpa_kernel(SDPBackend.MATH):
-        plain = _saved_activation_bytes(plain_step, params)
-        hooked = _saved_activation_bytes(hooked_pass, params)
+        plain = saved_for_backward_bytes(plain_step, params.values())
+        hooked = saved_for_backward_bytes(hooked_pass, params.values())
     assert hooked <= plain, (hooked / 2**20, plain / 2**20)
 
 
