@@ -165,6 +165,15 @@ class BROSConfig(TrainingArguments):
         default=0,
         metadata={"help": "Optimizer steps before the first upper-level (λ) update; θ and z are updated meanwhile."},
     )
+    initial_sample_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "Sample mode: a sample_weights.json written by an earlier run on the same training set (same "
+            "order). Every weight starts at its learned value w_i (λ_i = log(w_i / (1 − w_i))) instead of 0.5 and "
+            "keeps being learned. With a freshly initialised model this is the second stage that lets the weights "
+            "act from the first step, before the model has fit the examples they push down."
+        },
+    )
     upper_batch_size: int | None = field(
         default=None,
         metadata={"help": "Per-device batch size of the upper (target) set; defaults to per_device_train_batch_size."},
@@ -260,6 +269,11 @@ class BROSConfig(TrainingArguments):
             raise ValueError(f"loss_chunk_size must be ≥ 1 (tokens per chunk) or None, got {self.loss_chunk_size}.")
         if self.upper_batch_size is not None and self.upper_batch_size < 1:
             raise ValueError(f"upper_batch_size must be ≥ 1, got {self.upper_batch_size}.")
+        if self.initial_sample_weights is not None and self.upper_level != "sample":
+            raise ValueError(
+                f"initial_sample_weights={self.initial_sample_weights!r} sets per-example weights, but "
+                f"upper_level={self.upper_level!r}: use upper_level='sample', or drop initial_sample_weights."
+            )
         if self.upper_warmup_steps < 0:
             raise ValueError(f"upper_warmup_steps must be ≥ 0, got {self.upper_warmup_steps}.")
         if not 0.0 <= self.mixture_floor < 1.0:

@@ -71,6 +71,7 @@ from bros_hf.losses import (
     target_counts,
 )
 from bros_hf.modules import full_space_parameter_names, model_perturber
+from bros_hf.selection import load_sample_weights
 from bros_hf.validation import DomainPresenceMonitor, LabelSpace, check_subspace_coverage
 
 STATE_FILE = "bros_state_rank{rank}.pt"
@@ -301,7 +302,21 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
     def _build_upper_variable(self, upper_dataset: Any) -> UpperVariable:
         args = self.args
         if args.upper_level == "sample":
-            return SampleWeights(len(self._train_keys)).to(args.device)
+            if args.initial_sample_weights is None:
+                return SampleWeights(len(self._train_keys)).to(args.device)
+            if not os.path.isfile(args.initial_sample_weights):
+                raise FileNotFoundError(
+                    f"initial_sample_weights={args.initial_sample_weights!r} is not a file: pass the sample_weights.json "
+                    "that an earlier BROSTrainer run wrote to its output_dir (or to a checkpoint)."
+                )
+            weights = load_sample_weights(args.initial_sample_weights)
+            if len(weights) != len(self._train_keys):
+                raise ValueError(
+                    f"initial_sample_weights={args.initial_sample_weights!r} holds {len(weights)} weights but the "
+                    f"training set has {len(self._train_keys)} examples: pass the sample_weights.json of a run on "
+                    "this training set, in the same order."
+                )
+            return SampleWeights.from_weights(torch.from_numpy(weights)).to(args.device)
         column = args.domain_column
         if hasattr(upper_dataset, "column_names") and column in upper_dataset.column_names:
             values = upper_dataset.with_format(None)[column]

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.sample_weights import accuracy, as_dataset
-from bros_hf import BROSTrainer
+from benchmarks.sample_weights import accuracy
 from bros_hf.export import sample_weights_payload, write_json_atomic
 from bros_hf.selection import keep_examples, kept_indices, load_sample_weights
-from tests.test_trainer_sample_mode import sample_mode_args
+from tests.test_trainer_sample_mode import digits_trainer, sample_mode_args
 from tests.toy import TinyClassifier
 
 pytest.importorskip("sklearn")
@@ -87,14 +86,7 @@ def test_second_stage_on_kept_examples_beats_training_on_all(tmp_path, one_threa
     sample_weights.json, read it back, keep w ≥ 0.5 and train a fresh model on those examples only. The kept
     set must be mostly clean and the fresh model must beat the same training on every noisy example."""
     data = digits.load_noisy_digits(noise_rate=0.35, noise_kind="pair", seed=1)
-    args = sample_mode_args(tmp_path, bilevel_method="bros")
-    torch.manual_seed(args.seed)
-    trainer = BROSTrainer(
-        model=TinyClassifier(in_dim=64, hidden=64, num_classes=10),
-        args=args,
-        train_dataset=as_dataset(data.x_train, data.y_train),
-        upper_dataset=as_dataset(data.x_val, data.y_val),
-    )
+    trainer = digits_trainer(sample_mode_args(tmp_path, bilevel_method="bros"), data)
     trainer.train()
 
     weights = load_sample_weights(str(tmp_path / "out" / "sample_weights.json"))

@@ -41,19 +41,24 @@ def sample_mode_args(tmp_path, **overrides) -> BROSConfig:
     return make_args(tmp_path, **settings)
 
 
-@pytest.mark.parametrize("method", ["bros", "masoba"])
-def test_sample_mode_detects_label_noise_on_digits(tmp_path, one_thread, method):
-    data = digits.load_noisy_digits(noise_rate=0.4, noise_kind="uniform", seed=0)
-    assert 0.35 < data.is_corrupted.mean() < 0.45
-    args = sample_mode_args(tmp_path, bilevel_method=method)
+def digits_trainer(args: BROSConfig, data: digits.NoisyDigits) -> BROSTrainer:
+    """A BROSTrainer on the noisy digits (target = the clean validation split) with a fresh 64-64-10 MLP drawn
+    from ``args.seed``."""
     torch.manual_seed(args.seed)
-    model = TinyClassifier(in_dim=64, hidden=64, num_classes=10)
-    trainer = BROSTrainer(
-        model=model,
+    return BROSTrainer(
+        model=TinyClassifier(in_dim=64, hidden=64, num_classes=10),
         args=args,
         train_dataset=as_dataset(data.x_train, data.y_train),
         upper_dataset=as_dataset(data.x_val, data.y_val),
     )
+
+
+@pytest.mark.parametrize("method", ["bros", "masoba"])
+def test_sample_mode_detects_label_noise_on_digits(tmp_path, one_thread, method):
+    data = digits.load_noisy_digits(noise_rate=0.4, noise_kind="uniform", seed=0)
+    assert 0.35 < data.is_corrupted.mean() < 0.45
+    trainer = digits_trainer(sample_mode_args(tmp_path, bilevel_method=method), data)
+    model = trainer.model
     trainer.train()
 
     weights = trainer.sample_weights()

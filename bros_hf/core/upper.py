@@ -215,6 +215,20 @@ class SampleWeights(UpperVariable):
             raise ValueError(f"init_logit must be within ±{SAMPLE_LOGIT_BOUND}, got {init_logit}.")
         super().__init__(num_examples, init_logit)
 
+    @classmethod
+    def from_weights(cls, weights: Tensor) -> SampleWeights:
+        """Weights starting at w_i instead of 0.5: λ_i = log(w_i / (1 − w_i)), with w clipped into
+        [σ(−15), σ(15)] (the logits' bounds). E.g. the weights an earlier run learned on the same training set."""
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        if w.dim() != 1 or w.numel() < 1:
+            raise ValueError(f"Initial sample weights must be a non-empty 1-D sequence, got shape {tuple(w.shape)}.")
+        if not bool(((w > 0) & (w < 1)).all()):
+            bad = w[~((w > 0) & (w < 1))][:5].tolist()
+            raise ValueError(f"Initial sample weights must lie strictly inside (0, 1) (they are σ(λ)), got {bad}.")
+        variable = cls(w.numel())
+        variable.logits = torch.logit(w).clamp(-SAMPLE_LOGIT_BOUND, SAMPLE_LOGIT_BOUND).float()
+        return variable
+
     def weights(self, logits: Tensor | None = None) -> Tensor:
         logits = self.logits if logits is None else logits
         return torch.sigmoid(logits.float())
