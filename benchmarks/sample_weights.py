@@ -11,7 +11,8 @@ For each seed it trains, from the same initial weights:
 - ``oracle``: the plain Trainer on the uncorrupted examples only;
 - ``bros`` / ``masoba``: ``BROSTrainer(upper_level="sample")`` with every bilevel knob at its package default
   (the model it trains is the in-run result), then ``<method>_second_stage``: the plain Trainer on the examples
-  whose learned weight is ≥ 0.5 (``bros_hf.selection.keep_examples``).
+  whose learned weight is ≥ 0.5 (``bros_hf.selection.keep_examples``), and ``<method>_refit``: the same
+  BROSTrainer on a fresh model with every weight starting at its learned value (``initial_sample_weights``).
 
 Reported per run: test accuracy and gap closed = (acc − acc_plain) / (acc_oracle − acc_plain); for the
 bilevel runs also AUROC of the learned weights (corrupted vs clean) and the mean weight of clean and corrupted
@@ -112,6 +113,10 @@ def run_seed(
     for method in METHODS:
         runs[method], weights = train_bilevel(noisy, data, args(method, bilevel_method=method))
         runs[f"{method}_second_stage"] = train_plain(keep_examples(noisy, weights), data, args(f"{method}-2"))
+        learned = os.path.join(workdir, f"{method}-{seed}", "sample_weights.json")
+        runs[f"{method}_refit"], _ = train_bilevel(
+            noisy, data, args(f"{method}-refit", bilevel_method=method, initial_sample_weights=learned)
+        )
     plain, oracle = runs["plain"]["test_accuracy"], runs["oracle"]["test_accuracy"]
     for run in runs.values():
         run["gap_closed"] = digits.gap_closed(run["test_accuracy"], plain, oracle)
@@ -133,7 +138,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "| run | test accuracy | gap closed | AUROC | mean weight clean / corrupted |",
         "|---|---|---|---|---|",
     ]
-    for name in ("plain", "bros", "bros_second_stage", "masoba", "masoba_second_stage", "oracle"):
+    names = ("plain", "bros", "bros_second_stage", "bros_refit", "masoba", "masoba_second_stage", "masoba_refit", "oracle")
+    for name in names:
         rows = [seed_runs[name] for seed_runs in payload["runs"]]
         cells = [
             _mean(rows, "test_accuracy", "{:.3f}"),
