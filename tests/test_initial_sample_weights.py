@@ -86,3 +86,17 @@ def test_refit_on_a_fresh_model_beats_the_first_runs_model(tmp_path, one_thread)
     )
     assert refit_accuracy > first_accuracy + 0.01, (refit_accuracy, first_accuracy)
     assert refit_auroc > first_auroc - 0.01, (refit_auroc, first_auroc)
+
+
+def test_a_resumed_refit_continues_from_the_checkpoint_not_from_the_file(tmp_path, one_thread):
+    """The file only sets where λ starts: resuming from a checkpoint restores the checkpoint's λ (and h, z, θ), so the
+    resumed run ends bit-identical to the uninterrupted one."""
+    data = digits.load_noisy_digits(noise_rate=0.4, noise_kind="uniform", seed=0)
+    path = _write_weights(tmp_path / "w.json", np.random.default_rng(0).uniform(0.05, 0.95, size=data.num_train))
+    settings = dict(initial_sample_weights=path, max_steps=20, upper_warmup_steps=0, save_strategy="steps", save_steps=10)
+    uninterrupted = digits_trainer(sample_mode_args(tmp_path / "a", **settings), data)
+    uninterrupted.train()
+    resumed = digits_trainer(sample_mode_args(tmp_path / "b", **settings), data)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-10"))
+    assert torch.equal(resumed.upper.logits, uninterrupted.upper.logits)
+    assert torch.equal(resumed.upper.momentum, uninterrupted.upper.momentum)

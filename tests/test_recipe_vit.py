@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks.gpu_check import VIT_TINY
+from tests.test_ddp import free_port
 
 pytest.importorskip("sklearn")
 
@@ -206,6 +208,31 @@ def test_second_stage_trains_on_the_examples_kept_and_masoba_comparison(tmp_path
         assert np.abs(refit - 0.5).mean() > np.abs(first).mean()
     assert "| (d) plain Trainer, examples masoba weighs ≥ threshold |" in result.stdout
     assert "| (e) BROSTrainer (masoba), fresh model, weights start learned |" in result.stdout
+
+
+def test_refit_under_two_process_ddp_starts_from_the_first_runs_weights(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): the refit reads the file the main process wrote at the end of
+    the first run. Saves compare λ, h, z and θ across ranks (a mismatch fails the save); at the refit's first
+    checkpoint the examples no upper update has drawn yet still hold the first run's logits exactly."""
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(RECIPE), "--output_dir", str(out), *TINY, "--use_cpu", "True",
+        "--no_run_baselines", "--no_second_stage", "--save_strategy", "steps", "--save_steps", "3",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert set(json.loads((out / "report.json").read_text())["runs"]) == {"bros", "bros_refit"}
+
+    learned = np.array(list(json.loads((out / "bros" / "sample_weights.json").read_text())["weights"].values()))
+    state = torch.load(out / "bros_refit" / "checkpoint-3" / "bros_state_rank0.pt", weights_only=True)
+    logits = state["engine"]["upper"]["logits"].double().numpy()
+    unchanged = np.isclose(logits, np.log(learned / (1 - learned)), rtol=1e-5, atol=1e-6)
+    # Warm-up 2, so one upper update by step 3: one batch of 16 per rank moved, every other example kept its logit.
+    assert unchanged.sum() == len(learned) - 32, unchanged.sum()
+    assert np.abs(logits[unchanged]).max() > 0.05  # the first run's logits, not the initial zeros
 
 
 # Measured default run (digits, 40% uniform noise, seed 0, every bilevel knob at its package default, 2026-12-02):
