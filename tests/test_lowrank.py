@@ -155,7 +155,8 @@ def test_first_order_pass_saves_no_more_than_a_plain_training_step():
 def test_constant_shift_is_added_in_place_into_the_layer_output():
     """First-order passes add c·Δy of the direction inside the layer's own output tensor (no output-sized Δy or
     y + Δy: at a 50k-token vocabulary each is a logits-sized buffer), with the same values and the same
-    gradient to x as adding Δy out of place; views and leaves are copied first instead."""
+    gradient to x as adding Δy out of place; views and leaves get a new tensor (the first term added out of place,
+    no copy of the output first), and an output with nothing to add (the upper pass: probes only) is not copied."""
     from bros_hf.core.lowrank import _LowRankTerms
 
     torch.manual_seed(0)
@@ -183,12 +184,22 @@ def test_constant_shift_is_added_in_place_into_the_layer_output():
 
     view = layer(x).view(15, 40)
     assert _LowRankTerms.apply(view, x, layer, [basis], [coords]).data_ptr() != view.data_ptr()
-    # Outputs whose memory is not row-major (a transposed view, a strided tensor of its own) get a contiguous copy.
+    probe_only = _LowRankTerms.apply(view, x, layer, [probe_basis], [], probe)
+    assert probe_only.data_ptr() == view.data_ptr() and torch.equal(probe_only, view)
+    (grad_probe_only,) = torch.autograd.grad(probe_only, probe, grad_out.view(15, 40))
+    torch.testing.assert_close(grad_probe_only, ref_probe)
+    # Views (a linear layer with a bias on 3-d input returns one), outputs whose memory is not row-major (a transposed
+    # view, a strided tensor of its own), and two shifts: the same values.
     plain_x = x.detach()
     unshifted = plain_x @ layer.weight.detach().T
     expected = unshifted + (plain_x @ basis) @ coords.T
+    biased = torch.nn.functional.linear(plain_x, layer.weight.detach(), torch.zeros(40))
+    assert biased._is_view()
     transposed = (layer.weight.detach() @ plain_x.transpose(1, 2)).transpose(1, 2)  # a view, not row-major
     strided = torch.empty_strided((3, 5, 40), (1, 3, 15)).copy_(unshifted)  # its own memory, not row-major
-    for output in (transposed, strided):
+    for output in (biased, transposed, strided):
         shifted = _LowRankTerms.apply(output, plain_x, layer, [basis], [coords])
         torch.testing.assert_close(shifted, expected)
+        halves = _LowRankTerms.apply(output, plain_x, layer, [basis, basis], [0.5 * coords, 0.5 * coords])
+        torch.testing.assert_close(halves, expected)
+        assert halves.data_ptr() != output.data_ptr()

@@ -18,8 +18,8 @@ computed in backward (Linear: ∂g/∂yᵀ (x B); Conv1D: xᵀ (∂g/∂y B); Em
 ids), saving the output-size product (x B) aᵀ and the backward through it. In first-order passes (the
 finite-difference passes and the upper pass) the direction's shift is a constant, so one node per layer
 (:class:`_LowRankTerms`) adds every shift into the layer's own output in place (``addmm_``: no output-sized
-Δy, which for a language model head is a logits-sized buffer) and computes every probe's gradient from one
-product with all bases. Second-order passes (``hessian_mode="autograd"``), whose shift carries a graph, add
+Δy, which for a language model head is a logits-sized buffer; into one new tensor when the output is a view) and
+computes every probe's gradient from one product with all bases. Second-order passes (``hessian_mode="autograd"``), whose shift carries a graph, add
 Δy out of place (:func:`_delta`) and take each probe through :class:`_ProbeGradient`.
 
 Tensors not used that way are materialised as in :class:`~bros_hf.core.estimators.MaterializedPerturber`
@@ -111,6 +111,31 @@ def _is_differentiable(scale: Tensor | float, coords: Tensor) -> bool:
     return coords.requires_grad or (isinstance(scale, Tensor) and scale.requires_grad)
 
 
+def _add_products(ctx, output: Tensor, factors: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """output + Σ_k L_k R_kᵀ (each term a rank-r product, [rows, r] × [r, m]), without an output-sized temporary.
+
+    In place (``addmm_``, and ``ctx.mark_dirty``) on a contiguous tensor of its own that autograd lets change;
+    otherwise (a view, such as the output of a linear layer with a bias on a 3-d input or of GPT-2's Conv1D, or a
+    leaf requiring grad: transformers' enable_input_require_grads makes the input embeddings' output one) the first
+    term goes out of place into a new tensor (one read of the output, one write, where a copy then an in-place add
+    would be two of each). Without terms the output is returned as it is."""
+    if not factors:
+        return output
+    own = output.is_contiguous() and not output._is_view() and not (output.is_leaf and output.requires_grad)
+    width = output.shape[-1]
+    if own:
+        flat = output.view(-1, width)
+        for left, right in factors:
+            flat.addmm_(left, right.T)
+        ctx.mark_dirty(output)
+        return output
+    (left, right), rest = factors[0], factors[1:]
+    flat = torch.addmm(output.reshape(-1, width), left, right.T)
+    for left, right in rest:
+        flat.addmm_(left, right.T)
+    return flat.view(output.shape)
+
+
 class _LowRankTerms(torch.autograd.Function):
     """y ↦ y + Σ_s c_s Δy_s for constant shifts (added in place, without forming Δy_s), with ∂g/∂a of the zero
     probe coordinates computed in backward: one node per layer and pass, and one product with all bases at once.
@@ -129,29 +154,20 @@ class _LowRankTerms(torch.autograd.Function):
         dtype = output.dtype
         n_probes = len(probe_coords)
         probe_bases, shift_bases = bases[:n_probes], bases[n_probes:]
-        # In place only on a contiguous tensor of its own that autograd lets change (not a view, not a leaf
-        # requiring grad: transformers' enable_input_require_grads makes the input embeddings' output one).
-        own = output.is_contiguous() and not output._is_view() and not (output.is_leaf and output.requires_grad)
-        out = output if own else output.clone(memory_format=torch.contiguous_format)
-        flat_out = out.view(-1, out.shape[-1])
         if isinstance(module, nn.Linear):
             projected = F.linear(x, torch.cat(bases, dim=1).T.to(x.dtype)).reshape(-1, sum(b.shape[1] for b in bases))
             rank = sum(b.shape[1] for b in probe_bases)
-            for coords, piece in zip(shifts, projected[:, rank:].split([b.shape[1] for b in shift_bases], dim=1),
-                                     strict=True):
-                flat_out.addmm_(piece.to(dtype), coords.T.to(dtype))
+            pieces = projected[:, rank:].split([b.shape[1] for b in shift_bases], dim=1)
+            factors = [(piece, coords) for piece, coords in zip(pieces, shifts, strict=True)]
             saved = projected[:, :rank].contiguous()
         elif isinstance(module, nn.Embedding):
-            for coords, basis in zip(shifts, shift_bases, strict=True):
-                flat_out.addmm_(F.embedding(x.reshape(-1), coords.to(dtype)), basis.T.to(dtype))
+            factors = [(F.embedding(x.reshape(-1), c.to(dtype)), b) for c, b in zip(shifts, shift_bases, strict=True)]
             saved = x
         else:  # transposed linear (Conv1D)
             flat_x = x.reshape(-1, x.shape[-1])
-            for coords, basis in zip(shifts, shift_bases, strict=True):
-                flat_out.addmm_(flat_x @ coords.to(x.dtype), basis.T.to(dtype))
+            factors = [(flat_x @ c.to(x.dtype), b) for c, b in zip(shifts, shift_bases, strict=True)]
             saved = x
-        if out is output and shifts:
-            ctx.mark_dirty(output)
+        out = _add_products(ctx, output, [(left.to(dtype), right.to(dtype)) for left, right in factors])
         ctx.save_for_backward(saved, *bases, *shifts)
         ctx.module, ctx.n_probes, ctx.coords_dtypes = module, n_probes, [c.dtype for c in probe_coords]
         ctx.n_bases = len(bases)
