@@ -19,8 +19,9 @@ ids), saving the output-size product (x B) aᵀ and the backward through it. In 
 finite-difference passes and the upper pass) the direction's shift is a constant, so one node per layer
 (:class:`_LowRankTerms`) adds every shift into the layer's own output in place (``addmm_``: no output-sized
 Δy, which for a language model head is a logits-sized buffer; into one new tensor when the output is a view) and
-computes every probe's gradient from one product with all bases. Second-order passes (``hessian_mode="autograd"``), whose shift carries a graph, add
-Δy out of place (:func:`_delta`) and take each probe through :class:`_ProbeGradient`.
+computes every probe's gradient from one product with all bases. Second-order passes
+(``hessian_mode="autograd"``), whose shift carries a graph, add Δy out of place (:func:`_delta`) and take each
+probe through :class:`_ProbeGradient`.
 
 Tensors not used that way are materialised as in :class:`~bros_hf.core.estimators.MaterializedPerturber`
 (θ + P a formed, then used by the module's own forward, which is right for any module): biases, norms,
