@@ -111,9 +111,10 @@ def run_seed(
         ),
     }
     for method in METHODS:
-        runs[method], weights = train_bilevel(noisy, data, args(method, bilevel_method=method))
+        first = args(method, bilevel_method=method)
+        runs[method], weights = train_bilevel(noisy, data, first)
         runs[f"{method}_second_stage"] = train_plain(keep_examples(noisy, weights), data, args(f"{method}-2"))
-        learned = os.path.join(workdir, f"{method}-{seed}", "sample_weights.json")
+        learned = os.path.join(first.output_dir, "sample_weights.json")
         runs[f"{method}_refit"], _ = train_bilevel(
             noisy, data, args(f"{method}-refit", bilevel_method=method, initial_sample_weights=learned)
         )

@@ -126,15 +126,13 @@ def _add_products(ctx, output: Tensor, factors: list[tuple[Tensor, Tensor]]) -> 
     width = output.shape[-1]
     if own:
         flat = output.view(-1, width)
-        for left, right in factors:
-            flat.addmm_(left, right.T)
         ctx.mark_dirty(output)
-        return output
-    (left, right), rest = factors[0], factors[1:]
-    flat = torch.addmm(output.reshape(-1, width), left, right.T)
-    for left, right in rest:
+    else:
+        (left, right), factors = factors[0], factors[1:]
+        flat = torch.addmm(output.reshape(-1, width), left, right.T)
+    for left, right in factors:
         flat.addmm_(left, right.T)
-    return flat.view(output.shape)
+    return output if own else flat.view(output.shape)
 
 
 class _LowRankTerms(torch.autograd.Function):
@@ -159,7 +157,7 @@ class _LowRankTerms(torch.autograd.Function):
             projected = F.linear(x, torch.cat(bases, dim=1).T.to(x.dtype)).reshape(-1, sum(b.shape[1] for b in bases))
             rank = sum(b.shape[1] for b in probe_bases)
             pieces = projected[:, rank:].split([b.shape[1] for b in shift_bases], dim=1)
-            factors = [(piece, coords) for piece, coords in zip(pieces, shifts, strict=True)]
+            factors = list(zip(pieces, shifts, strict=True))
             saved = projected[:, :rank].contiguous()
         elif isinstance(module, nn.Embedding):
             factors = [(F.embedding(x.reshape(-1), c.to(dtype)), b) for c, b in zip(shifts, shift_bases, strict=True)]
