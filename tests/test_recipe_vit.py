@@ -210,6 +210,20 @@ def test_second_stage_trains_on_the_examples_kept_and_masoba_comparison(tmp_path
     assert "| (e) BROSTrainer (masoba), fresh model, weights start learned |" in result.stdout
 
 
+def test_true_weights_control_starts_every_weight_at_the_truth(tmp_path):
+    out = tmp_path / "out"
+    result = run_recipe(
+        ["--output_dir", str(out), *TINY, "--run_true_weights_control", "--no_run_baselines", "--no_second_stage",
+         "--no_refit"]
+    )  # fmt: skip
+    runs = json.loads((out / "report.json").read_text())["runs"]
+    assert set(runs) == {"bros", "bros_true_weights"}
+    # Six steps move no weight across 0.5 from 0.001 or 0.999: the ranking stays perfect, the first run's is not.
+    assert runs["bros_true_weights"]["detection"]["auroc"] == 1.0
+    assert runs["bros"]["detection"]["auroc"] < 1.0
+    assert "| (b1) BROSTrainer (bros), weights starting at the truth (control) |" in result.stdout
+
+
 def test_refit_under_two_process_ddp_starts_from_the_first_runs_weights(tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): the refit reads the file the main process wrote at the end of
     the first run. Saves compare λ, h, z and θ across ranks (a mismatch fails the save); at the refit's first
