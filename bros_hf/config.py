@@ -78,6 +78,17 @@ class BROSConfig(TrainingArguments):
             "least memory)."
         },
     )
+    full_space_modules: list[str] = field(
+        default_factory=lambda: ["head"],
+        metadata={
+            "help": "Modules whose tensors are full-space in every update (P = Q = U = I; bros only): their lower "
+            "update and their part of the auxiliary z are exact, at the memory of a full-space tensor. 'head': the "
+            "classification head if the model has one (modules named 'classifier' or 'score', which peft also keeps "
+            "fully trainable for classification); a head with few classes is no larger than its own sketch, and "
+            "learning its part of z exactly ranks examples better in sample mode (README, Example weights). "
+            "Other entries match module names as in lower_full_space_modules. 'none': sketch the head too."
+        },
+    )
     sketch_resample_interval: int = field(
         default=40,
         metadata={
@@ -258,11 +269,12 @@ class BROSConfig(TrainingArguments):
         if self.loss_normalization not in ("sequence", "token"):
             raise ValueError(f"loss_normalization must be 'sequence' or 'token', got {self.loss_normalization!r}.")
         self._check_step_sizes()
-        modules = list(self.lower_full_space_modules or [])
-        if "none" in modules and len(modules) > 1:
-            raise ValueError(
-                f"lower_full_space_modules={modules}: 'none' (sketch every matrix) cannot be combined with module names."
-            )
+        for field_name in ("lower_full_space_modules", "full_space_modules"):
+            modules = list(getattr(self, field_name) or [])
+            if "none" in modules and len(modules) > 1:
+                raise ValueError(
+                    f"{field_name}={modules}: 'none' (sketch every matrix) cannot be combined with module names."
+                )
         if self.z_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"z_dtype must be 'float32' or 'bfloat16', got {self.z_dtype!r}.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:

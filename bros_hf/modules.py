@@ -1,5 +1,5 @@
 """Hugging Face model structure: the perturber for a model's layer types, and which trainable
-parameters a list of module names (``lower_full_space_modules``) refers to."""
+parameters a list of module names (``lower_full_space_modules``, ``full_space_modules``) refers to."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ from bros_hf.core.lowrank import LowRankPerturber
 
 logger = logging.get_logger(__name__)
 EMBEDDINGS = "embeddings"
+HEAD = "head"
 NONE = "none"
+# transformers' classification heads: ``classifier`` (ViT, BERT, RoBERTa, ...) and ``score`` (Llama, GPT-2, Qwen
+# ... *ForSequenceClassification), the names peft keeps fully trainable (modules_to_save) for classification.
+HEAD_NAMES = ("classifier", "score")
 
 
 def model_perturber(model: nn.Module) -> LowRankPerturber:
@@ -40,25 +44,50 @@ def _named_modules(model: nn.Module, entry: str) -> list[nn.Module]:
     return [m for name, m in model.named_modules() if name == entry or name.endswith("." + entry)]
 
 
+def _head_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's classification head: its modules named one of :data:`HEAD_NAMES` (or a dotted suffix)."""
+    return [m for entry in HEAD_NAMES for m in _named_modules(model, entry)]
+
+
+def _resolve(model: nn.Module, entry: str) -> list[nn.Module]:
+    if entry == EMBEDDINGS:
+        return _embedding_modules(model)
+    if entry == HEAD:
+        return _head_modules(model)
+    return _named_modules(model, entry)
+
+
+def broadcast_vector_names(params: Mapping[str, Tensor]) -> list[str]:
+    """Tensors with ≥ 2 dimensions and a leading dimension of 1: vectors kept with broadcast dimensions (ViT's class
+    token [1, 1, d] and position embeddings [1, N, d]). Viewed as a [1, n] matrix, such a tensor would be sketched
+    as a vector, to r of its n directions, by a P ∈ R^{n×r} r times its own size; the trainer keeps them full-space,
+    like biases."""
+    return [name for name, p in params.items() if p.dim() >= 2 and p.shape[0] == 1]
+
+
 def full_space_parameter_names(
-    model: nn.Module, entries: Sequence[str] | None, params: Mapping[str, Tensor]
+    model: nn.Module,
+    entries: Sequence[str] | None,
+    params: Mapping[str, Tensor],
+    field_name: str = "lower_full_space_modules",
 ) -> list[str]:
     """Names (keys of ``params``) of the trainable tensors held by the modules ``entries`` names.
 
-    ``"embeddings"`` stands for the input and output embeddings; ``"none"`` (or an empty list) for
-    no module. Frozen tensors are skipped (e.g. a peft model's base embeddings). An entry that
-    matches no module of ``model`` is an error naming it.
+    ``"embeddings"`` stands for the input and output embeddings, ``"head"`` for the classification head (either
+    may be absent); ``"none"`` (or an empty list) for no module. Frozen tensors are skipped (e.g. a peft model's
+    base embeddings). Any other entry that matches no module of ``model`` is an error naming it and
+    ``field_name``, the config field it came from.
     """
     entries = [e for e in (entries or []) if e != NONE]
     by_id = {id(p): name for name, p in params.items()}
     names: list[str] = []
     for entry in entries:
-        modules = _embedding_modules(model) if entry == EMBEDDINGS else _named_modules(model, entry)
-        if not modules and entry != EMBEDDINGS:
+        modules = _resolve(model, entry)
+        if not modules and entry not in (EMBEDDINGS, HEAD):
             sample = [name for name, _ in model.named_modules() if name][:8]
             raise ValueError(
-                f"lower_full_space_modules entry {entry!r} matches no module of {type(model).__name__} "
-                f"(module names look like {sample}). Use a module name or dotted suffix, 'embeddings' or 'none'."
+                f"{field_name} entry {entry!r} matches no module of {type(model).__name__} (module names look "
+                f"like {sample}). Use a module name or dotted suffix, 'embeddings', 'head' or 'none'."
             )
         for module in modules:
             for p in module.parameters():
@@ -66,5 +95,5 @@ def full_space_parameter_names(
                 if name is not None and name not in names:
                     names.append(name)
     if names:
-        logger.info(f"lower_full_space_modules={list(entries)}: full-space lower updates (U = I) for {names}.")
+        logger.info(f"{field_name}={list(entries)}: full-space tensors {names}.")
     return names

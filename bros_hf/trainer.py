@@ -70,7 +70,7 @@ from bros_hf.losses import (
     shifted_labels,
     target_counts,
 )
-from bros_hf.modules import full_space_parameter_names, model_perturber
+from bros_hf.modules import broadcast_vector_names, full_space_parameter_names, model_perturber
 from bros_hf.selection import load_sample_weights
 from bros_hf.validation import DomainPresenceMonitor, LabelSpace, check_subspace_coverage
 
@@ -402,15 +402,17 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
         if self.optimizer is not None:
             return self.optimizer
         params = self._trainable_parameters()
-        check_subspace_coverage(params, self.args.subspace_rank, self.args.bilevel_method)
         hparams = self.args.bilevel_hyperparameters(
             half_precision=self._runs_in_half_precision(params), num_training_steps=self._num_training_steps
         )
-        self._warn_if_optimizer_state_is_reset_every_step()
         if self.args.bilevel_method == "bros":
-            modules = self.args.lower_full_space_modules
-            full = full_space_parameter_names(self._bilevel_model(), modules, params)
-            hparams = dataclasses.replace(hparams, lower_full_space=tuple(full))
+            model = self._bilevel_model()
+            named = full_space_parameter_names(model, self.args.full_space_modules, params, "full_space_modules")
+            unsketched = named + [n for n in broadcast_vector_names(params) if n not in named]
+            check_subspace_coverage(params, self.args.subspace_rank, unsketched)
+            full = full_space_parameter_names(model, self.args.lower_full_space_modules, params)
+            hparams = dataclasses.replace(hparams, lower_full_space=tuple(full), unsketched=tuple(unsketched))
+        self._warn_if_optimizer_state_is_reset_every_step()
         perturber = model_perturber(self._bilevel_model())
         self.engine = BilevelEngine(params, self.upper, hparams, seed=self.args.seed, perturber=perturber)
         # Sketched tensors: r-dim coordinates a of U, zero before every step. Full-space ones (U = I):

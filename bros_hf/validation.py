@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,21 +193,24 @@ def _raise_if_any(offending: Sequence[int], bound: Bound, column: str, where: st
 
 
 # ---------------------------------------------------------------------------------- sketch coverage
-def check_subspace_coverage(params: Mapping[str, Tensor], rank: int, method: str) -> None:
-    """BROS sketches a tensor only if its sketched dimension n exceeds the rank r (sketch.py).
+def check_subspace_coverage(params: Mapping[str, Tensor], rank: int, unsketched: Collection[str] = ()) -> None:
+    """BROS sketches a tensor only if it is a matrix whose sketched dimension n exceeds the rank r (sketch.py)
+    and ``unsketched`` (the tensors of ``full_space_modules``, and vectors with broadcast dimensions) does not
+    name it.
 
     Raise if nothing is sketched (BROS would silently be full-space MA-SOBA); otherwise log once
     which tensors stay full space, since their memory and variance differ from the sketched ones.
     """
-    if method != "bros":
-        return
-    full = [name for name, p in params.items() if not is_sketched(p, rank)]
+    full = [name for name, p in params.items() if name in unsketched or not is_sketched(p, rank)]
     if len(full) == len(params):
-        matrices = {name: sketched_dim(p) for name, p in params.items() if p.dim() >= 2}
+        matrices = {
+            name: sketched_dim(p) for name, p in params.items() if p.dim() >= 2 and name not in unsketched
+        }
         if not matrices:
             raise ValueError(
-                "bilevel_method='bros' sketches only tensors with ≥ 2 dimensions, and every trainable tensor is "
-                "1-D: it would be full-space MA-SOBA in disguise. Set bilevel_method='masoba'."
+                "bilevel_method='bros' sketches only tensors with ≥ 2 dimensions outside full_space_modules, and "
+                "every other trainable tensor is 1-D or [1, ...]: it would be full-space MA-SOBA in disguise. Set "
+                "bilevel_method='masoba' (or full_space_modules=['none'] to sketch the head)."
             )
         largest = max(matrices, key=matrices.get)
         raise ValueError(
@@ -223,7 +226,8 @@ def check_subspace_coverage(params: Mapping[str, Tensor], rank: int, method: str
         )
         logger.info(
             f"BROS subspace_rank={rank}: {len(full)} of {len(params)} trainable tensors ({count} of {total} "
-            f"parameters) stay full-space (1-D, or sketched dimension ≤ {rank}): {shown}."
+            f"parameters) stay full-space (1-D or [1, ...], sketched dimension ≤ {rank}, or full_space_modules): "
+            f"{shown}."
         )
 
 

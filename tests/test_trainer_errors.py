@@ -384,8 +384,8 @@ def test_partly_full_space_tensors_are_logged_once(tmp_path, toy, caplog):
     train(make_args(tmp_path, max_steps=2, subspace_rank=16), *toy)
     records = [r.getMessage() for r in caplog.records if r.name == "bros_hf.validation"]
     assert records == [
-        "BROS subspace_rank=16: 3 of 4 trainable tensors (548 of 676 parameters) stay full-space (1-D, or sketched "
-        "dimension ≤ 16): net.0.weight, net.0.bias, net.2.bias."
+        "BROS subspace_rank=16: 3 of 4 trainable tensors (548 of 676 parameters) stay full-space (1-D or [1, ...], "
+        "sketched dimension ≤ 16, or full_space_modules): net.0.weight, net.0.bias, net.2.bias."
     ]
 
 

@@ -15,7 +15,8 @@ lower update runs in U = P when ``resample_every`` = 1 (the analysed method), el
 subspace U, redrawn every ``resample_every`` steps: the lower optimizer (e.g. Adam) keeps its state
 in U's coordinates between redraws, which it needs to make progress (see the README's numbers).
 Tensors named in ``lower_full_space`` (e.g. embeddings) take their lower update in full space (U = I)
-while P and Q stay random for them. γ_n = γ · r / n for a tensor sketched along a dimension of size n (``aux_step_scaling="rank_ratio"``,
+while P and Q stay random for them; tensors named in ``unsketched`` (e.g. a classification head) are full-space
+in all three (P = Q = U = I). γ_n = γ · r / n for a tensor sketched along a dimension of size n (``aux_step_scaling="rank_ratio"``,
 the default) because the variance of S_P H S_Q grows like (n / r)²; full-space tensors use γ. κ ∈ [0, 1] is 1 unless ``aux_step_limit`` c is set: then κ = min(1, c ā / b̄) keeps the
 auxiliary step contracting in mean square whatever γ (:meth:`BilevelEngine.aux_step_factor`; ``BROSConfig`` sets
 c = 1). All terms of a step use the iterates (θ_k, z_k, λ_k).
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -99,6 +100,7 @@ class BilevelHyperparameters:
     fd_eps: float = DEFAULT_FD_EPS
     upper_warmup_steps: int = 0
     lower_full_space: tuple[str, ...] = ()
+    unsketched: tuple[str, ...] = ()
     z_dtype: Literal["bfloat16"] | None = None  # None: float32
 
     def __post_init__(self) -> None:
@@ -127,6 +129,7 @@ class BilevelHyperparameters:
         if self.z_dtype not in (None, "bfloat16"):
             raise ValueError(f"z_dtype must be None (float32) or 'bfloat16', got {self.z_dtype!r}.")
         self.lower_full_space = tuple(self.lower_full_space)
+        self.unsketched = tuple(self.unsketched)
 
 
 @dataclass
@@ -257,9 +260,10 @@ class BilevelEngine:
         perturber: Perturber | None = None,
     ):
         self.params = dict(params)
-        unknown = sorted(set(hparams.lower_full_space) - set(self.params))
-        if unknown:
-            raise ValueError(f"lower_full_space names tensors that are not among the parameters: {unknown}.")
+        for field_name in ("lower_full_space", "unsketched"):
+            unknown = sorted(set(getattr(hparams, field_name)) - set(self.params))
+            if unknown:
+                raise ValueError(f"{field_name} names tensors that are not among the parameters: {unknown}.")
         self.perturber = perturber
         self.upper = upper
         self.hparams = hparams
@@ -285,18 +289,20 @@ class BilevelEngine:
     def _resample_if_due(self) -> bool:
         """Fresh P, Q; a fresh U when due (U = P at ``resample_every`` = 1). True when U changed.
 
-        U is the identity for the tensors in ``lower_full_space`` (their lower update is full-space)."""
+        U is the identity for the tensors in ``lower_full_space`` (their lower update is full-space); P, Q and U
+        are the identity for those in ``unsketched``."""
         if self.full_space:
             return False
         kind, rank, full = self.hparams.sketch, self.hparams.rank, self.hparams.lower_full_space
-        self.sketch_p = Sketch.sample(self.params, rank, self.generator, kind)
-        self.sketch_q = Sketch.sample(self.params, rank, self.generator, kind)
+        unsketched = self.hparams.unsketched
+        self.sketch_p = Sketch.sample(self.params, rank, self.generator, kind).with_identity(unsketched)
+        self.sketch_q = Sketch.sample(self.params, rank, self.generator, kind).with_identity(unsketched)
         if self.hparams.resample_every == 1:
             self.sketch_u = self.sketch_p.with_identity(full)
             return True
         if self.step_count % self.hparams.resample_every != 0:
             return False
-        self.sketch_u = Sketch.sample(self.params, rank, self.generator, kind).with_identity(full)
+        self.sketch_u = Sketch.sample(self.params, rank, self.generator, kind).with_identity((*full, *unsketched))
         return True
 
     def begin_step(self) -> bool:
@@ -530,7 +536,9 @@ class BilevelEngine:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        saved = state["hparams"]
+        # A field added after the checkpoint was written counts as its default there (e.g. unsketched = ()).
+        defaults = {f.name: f.default for f in fields(BilevelHyperparameters) if f.default is not MISSING}
+        saved = {**{k: v for k, v in defaults.items() if v is not None}, **state["hparams"]}
         current = {k: v for k, v in asdict(self.hparams).items() if v is not None}
         differing = {
             k: (saved.get(k), current.get(k))
