@@ -11,7 +11,7 @@ from torch import nn
 from bros_hf import BROSConfig
 from bros_hf.core.engine import BilevelEngine, BilevelHyperparameters
 from bros_hf.core.upper import DomainMixture
-from bros_hf.modules import broadcast_vector_names
+from bros_hf.modules import broadcast_vector_names, full_space_parameter_names
 from tests.test_trainer import make_args, train
 from tests.toy import three_domain_toy
 
@@ -116,9 +116,58 @@ def test_checkpoint_written_before_unsketched_existed_resumes():
     plain = BilevelEngine(params, DomainMixture(["a", "b"]), BilevelHyperparameters(method="bros", rank=2))
     state = plain.state_dict()
     del state["hparams"]["unsketched"]
-    BilevelEngine(params, DomainMixture(["a", "b"]), BilevelHyperparameters(method="bros", rank=2)).load_state_dict(state)
+    fresh = BilevelEngine(params, DomainMixture(["a", "b"]), BilevelHyperparameters(method="bros", rank=2))
+    fresh.load_state_dict(state)
     with_head = BilevelEngine(
         params, DomainMixture(["a", "b"]), BilevelHyperparameters(method="bros", rank=2, unsketched=("head",))
     )
     with pytest.raises(ValueError, match=r"unsketched: checkpoint=\(\) vs now=\('head',\)"):
         with_head.load_state_dict(state)
+
+
+def _tiny(kind: str):
+    import transformers as tf
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    if kind == "vit":
+        config = tf.ViTConfig(image_size=8, patch_size=4, num_channels=1, num_labels=3, **small)
+        return tf.ViTForImageClassification(config)
+    if kind == "bert":
+        return tf.BertForSequenceClassification(tf.BertConfig(vocab_size=40, num_labels=3, **small))
+    if kind == "llama":
+        config = tf.LlamaConfig(vocab_size=40, num_labels=3, pad_token_id=0, **small)
+        return tf.LlamaForSequenceClassification(config)
+    if kind == "gpt2":
+        config = tf.GPT2Config(vocab_size=40, n_embd=32, n_layer=1, n_head=2, num_labels=3)
+        return tf.GPT2ForSequenceClassification(config)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=40, **small))
+
+
+VIT_VECTORS = ("cls_token", "position_embeddings")
+
+
+@pytest.mark.parametrize(
+    ("kind", "head", "vectors"),
+    [
+        ("vit", ["classifier.weight", "classifier.bias"], [f"vit.embeddings.{n}" for n in VIT_VECTORS]),
+        ("bert", ["classifier.weight", "classifier.bias"], []),
+        ("llama", ["score.weight"], []),
+        ("gpt2", ["score.weight"], []),
+        ("causal_lm", [], []),  # no classification head: nothing, and no error
+    ],
+)
+def test_head_of_transformers_models(kind, head, vectors):
+    model = _tiny(kind)
+    params = dict(model.named_parameters())
+    assert full_space_parameter_names(model, ["head"], params, "full_space_modules") == head
+    assert broadcast_vector_names(params) == vectors
+
+
+def test_head_of_a_peft_classifier_is_its_trainable_copy():
+    """peft keeps the head trainable through modules_to_save; the frozen original is not a bilevel tensor."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    model = get_peft_model(_tiny("llama"), LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["q_proj"]))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names = full_space_parameter_names(model, ["head"], params, "full_space_modules")
+    assert names and all("score" in n and "modules_to_save" in n for n in names), names
