@@ -3,13 +3,17 @@
 Sample mode learns w_i = σ(λ_i) per training example, starting from 0.5. An example whose weight the
 upper level pushed below 0.5 is one whose loss, by the hypergradient, hurts the target loss; the
 recipes flag it as noisy ("corrupted iff w_i < 0.5"). The second stage trains a fresh model with the
-plain ``Trainer`` on the examples kept: {i : w_i ≥ threshold}.
+plain ``Trainer`` on the examples kept: {i : w_i ≥ threshold}. Which threshold is best depends on how well the
+weights rank and on how much the model memorises the corrupted examples a threshold lets through, so
+:func:`choose_threshold` picks it by a score on clean held-out data (the upper set), as one picks any other
+hyperparameter.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +23,9 @@ if TYPE_CHECKING:
     import datasets
 
 DEFAULT_THRESHOLD = 0.5
+# Candidates of choose_threshold: on the ViT recipe's three noise draws the clean validation set picked 0.65 twice
+# and 0.8 once; 0.2 and 0.35 kept too many corrupted examples every time.
+DEFAULT_THRESHOLDS = (0.5, 0.65, 0.8)
 
 
 def load_sample_weights(path: str) -> np.ndarray:
@@ -79,3 +86,39 @@ def keep_examples(
     if hasattr(dataset, "select"):
         return dataset.select(keep)
     return torch.utils.data.Subset(dataset, keep)
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """The result of :func:`choose_threshold`: the chosen threshold, and every candidate's score and kept count
+    (candidates that keep no example are absent)."""
+
+    threshold: float
+    scores: dict[float, float]
+    kept: dict[float, int]
+
+
+def choose_threshold(
+    weights: Sequence[float] | np.ndarray,
+    score: Callable[[list[int]], float],
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+) -> ThresholdChoice:
+    """The threshold whose kept examples score best: ``score(kept_indices)`` trains a model on those training
+    examples and returns a number to maximise on clean held-out data (e.g. accuracy on the upper set, never on the
+    test set). Ties go to the lower threshold (more data); a candidate that keeps nothing is skipped. Costs one
+    training per candidate."""
+    if not thresholds:
+        raise ValueError("thresholds is empty: pass at least one candidate in (0, 1).")
+    scores: dict[float, float] = {}
+    kept: dict[float, int] = {}
+    for threshold in sorted(set(thresholds)):
+        keep = kept_indices(weights, threshold)
+        if keep:
+            value = float(score(keep))
+            if not np.isfinite(value):
+                raise ValueError(f"score returned {value} for threshold {threshold}; it must be a finite number.")
+            scores[threshold], kept[threshold] = value, len(keep)
+    if not scores:
+        raise ValueError(f"No example has weight ≥ {min(thresholds)}; lower the thresholds.")
+    best = max(scores, key=lambda t: (scores[t], -t))
+    return ThresholdChoice(threshold=best, scores=scores, kept=kept)

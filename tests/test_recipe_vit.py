@@ -191,22 +191,32 @@ def test_recipe_defaults_fill_only_what_the_user_did_not_give():
 def test_second_stage_trains_on_the_examples_kept_and_masoba_comparison(tmp_path):
     out = tmp_path / "out"
     result = run_recipe(
-        ["--output_dir", str(out), *TINY, "--upper_warmup_steps", "0", "--compare_masoba", "--no_run_baselines"]
+        ["--output_dir", str(out), *TINY, "--upper_warmup_steps", "0", "--compare_masoba", "--no_run_baselines",
+         "--keep_thresholds", "0.5", "0.45"]
     )
     report = json.loads((out / "report.json").read_text())
     runs = report["runs"]
     assert set(runs) == {f"{n}{s}" for n in ("bros", "masoba") for s in ("", "_second_stage", "_refit")}
     for name in ("bros", "masoba"):
         weights = json.loads((out / name / "sample_weights.json").read_text())["weights"].values()
-        kept = sum(w >= 0.5 for w in weights)
-        assert 0 < kept < len(weights), "six steps without warm-up move some weights below 0.5"
-        assert runs[f"{name}_second_stage"]["num_train"] == kept
+        assert 0 < sum(w >= 0.5 for w in weights) < len(weights), "six steps without warm-up move some weights"
+        # One plain training per threshold; the one most accurate on the validation split (ties: the lower) is (d).
+        second = runs[f"{name}_second_stage"]
+        candidates = second["candidates"]
+        assert set(candidates) == {"0.45", "0.5"}
+        for threshold, run in candidates.items():
+            assert run["num_train"] == sum(w >= float(threshold) for w in weights)
+        best = max(candidates, key=lambda t: (candidates[t]["validation_accuracy"], -float(t)))
+        assert second["threshold"] == float(best)
+        assert second["num_train"] == candidates[best]["num_train"]
+        assert second["test_accuracy"] == candidates[best]["test_accuracy"]
         # The refit's weights started at the learned ones (and moved on for six more steps).
         first = np.array(list(weights)) - 0.5
         refit = np.array(list(json.loads((out / f"{name}_refit" / "sample_weights.json").read_text())["weights"].values()))
         assert np.corrcoef(first, refit - 0.5)[0, 1] > 0.5
         assert np.abs(refit - 0.5).mean() > np.abs(first).mean()
-    assert "| (d) plain Trainer, examples masoba weighs ≥ threshold |" in result.stdout
+    chosen = runs["masoba_second_stage"]["threshold"]
+    assert f"| (d) plain Trainer, examples masoba weighs ≥ {chosen:g} (chosen on validation) |" in result.stdout
     assert "| (e) BROSTrainer (masoba), fresh model, weights start learned |" in result.stdout
 
 
@@ -252,8 +262,9 @@ def test_refit_under_two_process_ddp_starts_from_the_first_runs_weights(tmp_path
 # Measured default run (digits, 40% uniform noise, seed 0, every bilevel knob at its package default, 2026-12-02,
 # with the classification head and the [1, ...] class token and position embeddings full-space): test accuracy BROS
 # 0.896 vs plain Trainer on noisy labels 0.780 and clean-only oracle 0.958 (gap closed 0.65); AUROC of the learned
-# (tail-averaged) weights 0.954, of the last iterate 0.939. A plain Trainer on the kept examples 0.912 (0.74); the
-# refit (fresh model, weights starting at the learned ones) 0.890 (0.62, AUROC 0.949).
+# (tail-averaged) weights 0.954, of the last iterate 0.939. A plain Trainer on the examples kept at the threshold the
+# validation split chose (0.65 of 0.5 / 0.65 / 0.8) 0.924 (0.81; 0.912 at 0.5); the refit (fresh model, weights
+# starting at the learned ones) 0.890 (0.62, AUROC 0.949).
 # With every tensor sketched (the release before): 0.874 / AUROC 0.915, refit 0.900, keep 0.880. Before the
 # auxiliary step limit: 0.762 / AUROC 0.616.
 DEFAULT_MIN_AUROC = 0.94
@@ -270,4 +281,4 @@ def test_default_run_beats_plain_trainer_on_noisy_labels(tmp_path):
     assert runs["bros"]["detection"]["auroc"] >= DEFAULT_MIN_AUROC, runs["bros"]["detection"]
     assert runs["oracle_clean"]["test_accuracy"] > runs["bros"]["test_accuracy"] - 0.02, runs
     assert runs["bros_refit"]["detection"]["auroc"] >= DEFAULT_MIN_AUROC, runs["bros_refit"]["detection"]
-    assert max(runs[name]["gap_closure"] for name in ("bros_refit", "bros_second_stage")) >= 0.7, runs
+    assert runs["bros_second_stage"]["gap_closure"] >= 0.75, runs["bros_second_stage"]  # threshold chosen: 0.65

@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.sample_weights import accuracy
 from bros_hf.export import sample_weights_payload, write_json_atomic
-from bros_hf.selection import keep_examples, kept_indices, load_sample_weights
+from bros_hf.selection import choose_threshold, keep_examples, kept_indices, load_sample_weights
 from tests.test_trainer_sample_mode import digits_trainer, sample_mode_args
 from tests.toy import TinyClassifier
 
@@ -45,6 +45,31 @@ def test_keep_examples_refuses_weights_of_another_dataset_and_empty_selections()
     rows = [{"x": 1}, {"x": 2}, {"x": 3}]  # a torch map-style dataset (no .select): a Subset
     kept = keep_examples(rows, [0.9, 0.1, 0.6])
     assert isinstance(kept, torch.utils.data.Subset) and [kept[i]["x"] for i in range(len(kept))] == [1, 3]
+
+
+def test_choose_threshold_keeps_the_best_scoring_set_and_breaks_ties_toward_more_data():
+    weights = np.array([0.9, 0.7, 0.55, 0.3, 0.85])
+    seen = []
+
+    def score(keep):  # a stand-in for "train on these, accuracy on the upper set": 4 examples score best
+        seen.append(keep)
+        return {5: 0.80, 4: 0.90, 3: 0.90, 2: 0.70}[len(keep)]
+
+    choice = choose_threshold(weights, score, thresholds=(0.8, 0.2, 0.5, 0.65, 0.95))
+    assert seen == [[0, 1, 2, 3, 4], [0, 1, 2, 4], [0, 1, 4], [0, 4]]  # increasing thresholds; 0.95 keeps nothing
+    assert choice.threshold == 0.5  # 0.5 and 0.65 tie at 0.90: the lower one keeps more data
+    assert choice.scores == {0.2: 0.80, 0.5: 0.90, 0.65: 0.90, 0.8: 0.70}
+    assert choice.kept == {0.2: 5, 0.5: 4, 0.65: 3, 0.8: 2}
+
+
+def test_choose_threshold_refuses_no_candidates_empty_selections_and_non_finite_scores():
+    weights = np.array([0.6, 0.4])
+    with pytest.raises(ValueError, match="thresholds is empty"):
+        choose_threshold(weights, lambda keep: 1.0, thresholds=())
+    with pytest.raises(ValueError, match=r"No example has weight ≥ 0.7; lower the thresholds"):
+        choose_threshold(weights, lambda keep: 1.0, thresholds=(0.7, 0.9))
+    with pytest.raises(ValueError, match="score returned nan for threshold 0.5"):
+        choose_threshold(weights, lambda keep: float("nan"), thresholds=(0.5,))
 
 
 def test_load_refuses_incomplete_files_and_runs_that_never_moved(tmp_path):
