@@ -18,6 +18,11 @@ NONE = "none"
 # transformers' classification heads: ``classifier`` (ViT, BERT, RoBERTa, ...) and ``score`` (Llama, GPT-2, Qwen
 # ... *ForSequenceClassification), the names peft keeps fully trainable (modules_to_save) for classification.
 HEAD_NAMES = ("classifier", "score")
+# What each config field's tensors get, for the info log.
+_MEANING = {
+    "lower_full_space_modules": "full-space lower updates (U = I)",
+    "full_space_modules": "full space in every update (P = Q = U = I)",
+}
 
 
 def model_perturber(model: nn.Module) -> LowRankPerturber:
@@ -95,5 +100,5 @@ def full_space_parameter_names(
                 if name is not None and name not in names:
                     names.append(name)
     if names:
-        logger.info(f"{field_name}={list(entries)}: full-space tensors {names}.")
+        logger.info(f"{field_name}={list(entries)}: {_MEANING.get(field_name, 'full space')} for {names}.")
     return names

@@ -4,6 +4,8 @@ position embeddings)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -49,8 +51,11 @@ def sketches(trainer) -> dict[str, tuple[bool, bool, bool]]:
     }
 
 
-def test_head_and_broadcast_vectors_are_full_space_by_default(tmp_path, toy):
+def test_head_and_broadcast_vectors_are_full_space_by_default(tmp_path, toy, caplog):
+    caplog.set_level(logging.INFO, logger="bros_hf.modules")
     trainer = train(make_args(tmp_path, max_steps=3), *toy, model=HeadClassifier())
+    logged = "full_space_modules=['head']: full space in every update (P = Q = U = I) for ['classifier.weight', "
+    assert logged + "'classifier.bias']." in [r.getMessage() for r in caplog.records]
     drawn = sketches(trainer)
     assert drawn[HEAD] == drawn[OFFSET] == (False, False, False)
     assert drawn[BODY] == (True, True, True)
