@@ -578,20 +578,20 @@ def train_kept(
     weights: np.ndarray,
     thresholds: list[float],
 ) -> dict[str, Any]:
-    """(d): a plain Trainer on the examples kept at each candidate threshold (``name/threshold_T``); the run whose
-    model is most accurate on the clean validation split, with ``threshold`` and every candidate's accuracies."""
-    trained: list[dict[str, Any]] = []  # in the order choose_threshold scores: increasing threshold
+    """(d): a plain Trainer on the examples kept at each candidate threshold (``name/kept_N``, N examples); the run
+    whose model is most accurate on the clean validation split, with ``threshold`` and every candidate's accuracies."""
+    by_count: dict[int, dict[str, Any]] = {}  # thresholds keep nested sets, so the count names the set
 
     def validation_accuracy(keep: list[int]) -> float:
         run = train_plain(
-            f"{name}/candidate_{len(trained)}", model_args, config, args, data.train.select(keep), data.test,
+            f"{name}/kept_{len(keep)}", model_args, config, args, data.train.select(keep), data.test,
             validation=data.val,
         )
-        trained.append(run)
+        by_count[len(keep)] = run
         return run["validation_accuracy"]
 
     choice = choose_threshold(weights, validation_accuracy, thresholds)
-    by_threshold = dict(zip(sorted(choice.scores), trained, strict=True))
+    by_threshold = {t: by_count[choice.kept[t]] for t in choice.scores}
     return {
         **by_threshold[choice.threshold],
         "threshold": choice.threshold,
