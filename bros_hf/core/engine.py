@@ -80,6 +80,47 @@ def _float32_dot(x: Tensor, y: Tensor) -> Tensor:
     )
 
 
+# Largest tensors (elements) whose dot products are batched by stacking same-shape pairs (small copies only).
+BATCHED_DOT_LIMIT = 1 << 16
+
+
+def _sum_of_float32_dots(pairs: list[tuple[Tensor, Tensor]], device: torch.device) -> Tensor:
+    """Σ ⟨x, y⟩ over pairs of same-shape tensors, in float32 on ``device``. Small float32 pairs of one shape are
+    stacked and reduced together (a few kernels per distinct shape rather than several per tensor); the others go
+    through :func:`_float32_dot` one by one (no stacked copy of a large or low-precision tensor)."""
+    total = torch.zeros((), device=device)
+    groups: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+    for x, y in pairs:
+        if x.dtype == y.dtype == torch.float32 and x.numel() <= BATCHED_DOT_LIMIT and x.device == y.device:
+            groups.setdefault((x.shape, x.device), []).append((x, y))
+        else:
+            total += _float32_dot(x.reshape(-1), y.reshape(-1)).to(device)
+    for members in groups.values():
+        xs = torch.stack([x for x, _ in members])
+        ys = torch.stack([y for _, y in members])
+        total += (xs * ys).sum().to(device)
+    return total
+
+
+def _times_scalar(tensors: list[Tensor], scalar: Tensor, in_place: bool = False) -> list[Tensor]:
+    """[t · scalar for t in tensors] (a 0-d ``scalar``), with one foreach call per device instead of one kernel per
+    tensor; ``in_place`` multiplies the tensors themselves."""
+    by_device: dict[torch.device, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        by_device.setdefault(tensor.device, []).append(index)
+    results: list[Tensor] = list(tensors)
+    for device, indices in by_device.items():
+        group, factor = [tensors[i] for i in indices], scalar.to(device)
+        if in_place:
+            torch._foreach_mul_(group, factor)
+            products = group
+        else:
+            products = torch._foreach_mul(group, factor)
+        for index, product in zip(indices, products, strict=True):
+            results[index] = product
+    return results
+
+
 @dataclass
 class BilevelHyperparameters:
     """Knobs of the bilevel step (see module docstring for the equations)."""
@@ -195,10 +236,13 @@ class Terms:
             t = t.detach()
             return t if factor == 1.0 and t.dtype == torch.float32 else t.float() * factor
 
-        residual = {
-            n: torch.sub(h.detach().float(), self.upper_grad[n].detach().float()).mul_(factor)
-            for n, h in self.hessian_action.items()
-        }
+        names = list(self.hessian_action)
+        differences = torch._foreach_sub(  # foreach: one call for all tensors
+            [self.hessian_action[n].detach().float() for n in names], [self.upper_grad[n].detach().float() for n in names]
+        )
+        if factor != 1.0:
+            torch._foreach_mul_(differences, factor)
+        residual = dict(zip(names, differences, strict=True))
         lower_grad = {n: share(g) for n, g in self.lower_grad.items()}
         return Terms(
             share(self.lower_loss), share(self.upper_loss), lower_grad, residual, {}, share(self.cross),
@@ -342,11 +386,11 @@ class BilevelEngine:
         if self._z_in_p is None:
             self._z_in_p = self.sketch_p.reduce(self.z)
         device = self.aux_moment_means.device
-        along, square = torch.zeros((), device=device), torch.zeros((), device=device)
-        for name, z_p in self._z_in_p.items():
-            action = hessian_action[name].detach()
-            along += _float32_dot(z_p.reshape(-1), action.reshape(-1)).to(device)
-            square += self.aux_step_size(name) * self.sketch_p.expanded_norm_sq(name, action).to(device)
+        names = list(self._z_in_p)
+        actions = {name: hessian_action[name].detach() for name in names}
+        along = _sum_of_float32_dots([(self._z_in_p[name], actions[name]) for name in names], device)
+        gammas = {name: self.aux_step_size(name) for name in names}
+        square = self.sketch_p.expanded_norm_sq_sum(actions, gammas).to(device)
         return torch.stack([along, square])
 
     # -- updates --------------------------------------------------------------------------------
@@ -394,17 +438,26 @@ class BilevelEngine:
             self._update_low_precision_z(hessian_action, upper_grad, factor)
             self._project_z()
             return
+        matrices = self.sketch_p.matrices
+        scaled: dict[str, Tensor] = {}
+        if factor is not None:  # κ on the sketched coordinates ([m, r]: small) in one foreach call
+            sketched = [
+                (name, coords)
+                for terms in (hessian_action, upper_grad)
+                for name, coords in terms.items()
+                if matrices[name] is not None
+            ]
+            products = _times_scalar([c for _, c in sketched], factor)
+            scaled = {id(c): p for (_, c), p in zip(sketched, products, strict=True)}
         for name, z in self.z.items():
             gamma = self.aux_step_size(name)
             for coords, sign in ((hessian_action[name], -1.0), (upper_grad.get(name), 1.0)):
                 if coords is None:
                     continue
-                if factor is not None and self.sketch_p.matrices[name] is not None:
-                    coords = coords * factor.to(coords.device, coords.dtype)  # [m, r]: small
-                elif factor is not None:  # full-space: scale inside the update, no tensor-sized temporary
+                if factor is not None and matrices[name] is None:  # full-space: scaled inside, no tensor-sized temporary
                     z.addcmul_(coords.to(z.dtype), factor.to(z.device, z.dtype), value=sign * gamma)
                     continue
-                self.sketch_p.add_expanded_(name, z, coords, alpha=sign * gamma)
+                self.sketch_p.add_expanded_(name, z, scaled.get(id(coords), coords), alpha=sign * gamma)
         self._project_z()
 
     def _project_z(self) -> None:
@@ -412,8 +465,7 @@ class BilevelEngine:
         radius = self.hparams.z_radius
         if radius is not None:
             shrink = (radius / global_norm(self.z)).clamp_(max=1.0)
-            for z in self.z.values():
-                z.mul_(shrink.to(z.device))
+            _times_scalar(list(self.z.values()), shrink, in_place=True)
 
     def _update_low_precision_z(
         self, hessian_action: Mapping[str, Tensor], upper_grad: Mapping[str, Tensor], factor: Tensor | None

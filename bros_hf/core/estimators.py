@@ -87,8 +87,7 @@ class SubspaceVector(NamedTuple):
     def norm(self) -> Tensor:
         """‖B w‖₂ over all tensors, without forming B w (r×r Gram matrices), as a float32 scalar (no host
         synchronisation)."""
-        squares = [self.basis.expanded_norm_sq(n, w) for n, w in self.coords.items()]
-        return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+        return self.basis.expanded_norm_sq_sum(self.coords).sqrt()
 
 
 Shift = tuple[Tensor | float, Sketch, Mapping[str, Tensor]]
@@ -406,16 +405,18 @@ def _lower_pass_finite_difference(
     )
     (loss_p, grads_p, lam_p), (loss_m, grads_m, lam_m) = plus, minus
     grad = hessian_action = None
+    # foreach kernels: one call per operation for all tensors (small models: interpreter time per tensor adds up).
     if p_index is not None:
-        hessian_action = {
-            n: (grads_p[p_index][n] - grads_m[p_index][n]) / (2 * delta) for n in grads_p[p_index]
-        }
+        names = list(grads_p[p_index])
+        differences = torch._foreach_sub([grads_p[p_index][n] for n in names], [grads_m[p_index][n] for n in names])
+        torch._foreach_div_(differences, 2 * delta)
+        hessian_action = dict(zip(names, differences, strict=True))
     if lower_index is not None:  # in place, after the difference: no third gradient-sized buffer
-        plus_grads = grads_p[lower_index]
-        grad = {
-            n: g.add_(plus_grads[n]).mul_(0.5) if n in plus_grads else g
-            for n, g in grads_m[lower_index].items()
-        }
+        grad, plus_grads = grads_m[lower_index], grads_p[lower_index]
+        both = [n for n in grad if n in plus_grads]
+        averaged = [grad[n] for n in both]
+        torch._foreach_add_(averaged, [plus_grads[n] for n in both])
+        torch._foreach_mul_(averaged, 0.5)
     cross = (lam_p - lam_m) / (2 * delta) if with_cross else None
     return LowerPassResult(
         loss=0.5 * (loss_p + loss_m), grad=grad, hessian_action=hessian_action, cross=cross
