@@ -40,7 +40,8 @@ def test_batched_expanded_norms_are_the_materialised_norms():
     def materialised(weight_of):
         total = 0.0
         for name, a in coords.items():
-            full = sketch.expand_one(name, a.float() if sketch.matrices[name] is not None else a, params[name].shape)
+            sketched = sketch.matrices[name] is not None
+            full = sketch.expand_one(name, a.float() if sketched else a, params[name].shape)
             total += weight_of(name) * float(torch.linalg.vector_norm(full).float().square())
         return total
 
@@ -57,7 +58,7 @@ def test_sum_of_dots_batches_small_float32_pairs_and_streams_the_rest():
     pairs.append((torch.randn(5), torch.randn(5)))
     pairs.append((torch.randn(8, 4).bfloat16(), torch.randn(8, 4)))  # low precision: one by one, in float32
     pairs.append((torch.randn(BATCHED_DOT_LIMIT + 1), torch.randn(BATCHED_DOT_LIMIT + 1)))  # large: not stacked
-    expected = sum(float(torch.dot(x.float().reshape(-1).double(), y.float().reshape(-1).double())) for x, y in pairs)
+    expected = sum(float(torch.dot(x.double().reshape(-1), y.double().reshape(-1))) for x, y in pairs)
     total = _sum_of_float32_dots(pairs, torch.device("cpu"))
     assert total.dtype == torch.float32
     assert float(total) == pytest.approx(expected, rel=1e-5, abs=1e-3)

@@ -238,7 +238,8 @@ class Terms:
 
         names = list(self.hessian_action)
         differences = torch._foreach_sub(  # foreach: one call for all tensors
-            [self.hessian_action[n].detach().float() for n in names], [self.upper_grad[n].detach().float() for n in names]
+            [self.hessian_action[n].detach().float() for n in names],
+            [self.upper_grad[n].detach().float() for n in names],
         )
         if factor != 1.0:
             torch._foreach_mul_(differences, factor)
@@ -454,7 +455,7 @@ class BilevelEngine:
             for coords, sign in ((hessian_action[name], -1.0), (upper_grad.get(name), 1.0)):
                 if coords is None:
                     continue
-                if factor is not None and matrices[name] is None:  # full-space: scaled inside, no tensor-sized temporary
+                if factor is not None and matrices[name] is None:  # full space: scaled inside, no full-size temporary
                     z.addcmul_(coords.to(z.dtype), factor.to(z.device, z.dtype), value=sign * gamma)
                     continue
                 self.sketch_p.add_expanded_(name, z, scaled.get(id(coords), coords), alpha=sign * gamma)

@@ -408,7 +408,8 @@ def _lower_pass_finite_difference(
     # foreach kernels: one call per operation for all tensors (small models: interpreter time per tensor adds up).
     if p_index is not None:
         names = list(grads_p[p_index])
-        differences = torch._foreach_sub([grads_p[p_index][n] for n in names], [grads_m[p_index][n] for n in names])
+        plus, minus = grads_p[p_index], grads_m[p_index]
+        differences = torch._foreach_sub([plus[n] for n in names], [minus[n] for n in names])
         torch._foreach_div_(differences, 2 * delta)
         hessian_action = dict(zip(names, differences, strict=True))
     if lower_index is not None:  # in place, after the difference: no third gradient-sized buffer

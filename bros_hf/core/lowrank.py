@@ -53,7 +53,9 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
 
 
 @contextmanager
-def _installed(holders: Mapping[str, list[tuple[nn.Module, str]]], tensors: Mapping[str, Tensor]) -> Iterator[None]:
+def _installed(
+    holders: Mapping[str, list[tuple[nn.Module, str]]], tensors: Mapping[str, Tensor]
+) -> Iterator[None]:
     """Put each named tensor in every module attribute that holds that parameter (tied weights: all of them) and
     put the parameters back on exit.
 
@@ -200,7 +202,8 @@ class _LowRankTerms(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         saved, *bases = ctx.saved_tensors
-        n_bases = (len(bases) + ctx.n_probes) // 2  # saved: the bases (probes' then shifts'), then one tensor per shift
+        # Saved after x (or the ids): the bases (the probes' then the shifts'), then one tensor per shift.
+        n_bases = (len(bases) + ctx.n_probes) // 2
         bases, shifts = bases[:n_bases], bases[n_bases:]
         probe_bases, shift_bases = bases[: ctx.n_probes], bases[ctx.n_probes :]
         module, dtype = ctx.module, grad_out.dtype
@@ -305,18 +308,28 @@ class LowRankPerturber:
                     value = value + (scale * basis.expand_one(name, coords[name], p.shape)).to(p.dtype)
             out[name] = value
 
+        # Constant shifts (first-order passes): each module's node arguments, made once per pass rather than in
+        # every call of the hook (a module may run several times per pass: shared layers, activation checkpointing).
+        hooked = per_module.keys() | module_probes.keys()
+        constant: dict[nn.Module, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
+        for module in hooked:
+            shifts_here, probes_here = per_module.get(module, []), module_probes.get(module, [])
+            if not any(_is_differentiable(scale, coords) for scale, _, coords in shifts_here):
+                bases = [matrix for matrix, _ in probes_here] + [matrix for _, matrix, _ in shifts_here]
+                scaled = [scale * coords for scale, _, coords in shifts_here]
+                constant[module] = (bases, scaled, [c for _, c in probes_here])
+
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-            shifts, probes_here = per_module.get(module, []), module_probes.get(module, [])
-            if not any(_is_differentiable(scale, coords) for scale, _, coords in shifts):
-                bases = [matrix for matrix, _ in probes_here] + [matrix for _, matrix, _ in shifts]
-                scaled = [scale * coords for scale, _, coords in shifts]
-                return _LowRankTerms.apply(output, inputs[0], module, bases, scaled, *(c for _, c in probes_here))
-            output = output + _delta(module, inputs, shifts).to(output.dtype)
-            for matrix, coords in probes_here:
+            node_arguments = constant.get(module)
+            if node_arguments is not None:
+                bases, scaled, probe_coords = node_arguments
+                return _LowRankTerms.apply(output, inputs[0], module, bases, scaled, *probe_coords)
+            output = output + _delta(module, inputs, per_module.get(module, [])).to(output.dtype)
+            for matrix, coords in module_probes.get(module, []):
                 output = _ProbeGradient.apply(output, coords, inputs[0], matrix, module)
             return output
 
-        handles = [module.register_forward_hook(hook) for module in per_module.keys() | module_probes.keys()]
+        handles = [module.register_forward_hook(hook) for module in hooked]
         try:
             # The model holds the perturbed tensors for the whole context, not only while the loss function's
             # functional_call runs: activation checkpointing recomputes the forward during backward, after that

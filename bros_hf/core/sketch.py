@@ -143,9 +143,12 @@ class Sketch:
         else:
             target.add_(self.expand_one(name, coords, target.shape).to(target.dtype), alpha=alpha)
 
-    def expanded_norm_sq_sum(self, coords: Mapping[str, Tensor], weights: Mapping[str, float] | None = None) -> Tensor:
+    def expanded_norm_sq_sum(
+        self, coords: Mapping[str, Tensor], weights: Mapping[str, float] | None = None
+    ) -> Tensor:
         """Σ_n w_n ‖P a_n‖²_F over the tensors of ``coords`` (w_n = 1 without ``weights``), each term computed as
-        tr(a_n (PᵀP) a_nᵀ) with the r×r Gram matrix (P a_n is never formed; ‖a_n‖² for full space); a float32 scalar on the first tensor's device, no host synchronisation.
+        tr(a_n (PᵀP) a_nᵀ) with the r×r Gram matrix (P a_n is never formed; ‖a_n‖² for full space); a float32
+        scalar on the first tensor's device, no host synchronisation.
 
         Tensors with the same weight whose matrices and coordinates share shapes go through one batched Gram product
         (``bmm``), full-space ones through one ``_foreach_norm``: a few kernels per distinct layer shape instead of
