@@ -60,8 +60,9 @@ def _installed(
     put the parameters back on exit.
 
     What ``torch.func.functional_call(..., tie_weights=True)`` does, without recomputing the tied names and member
-    paths from ``named_parameters()`` on every call: ``holders`` is computed once per model (:func:`_owners`), and a
-    pass only assigns into the modules' parameter dicts (measured: 0.6 ms of a 7 ms pass of a 0.1 M-parameter ViT)."""
+    paths from ``named_parameters()`` on every call (under cProfile, 0.57 ms of every pass of a 0.1 M-parameter ViT):
+    ``holders`` is computed once per model (:func:`_owners`), and a pass only assigns into the modules' parameter
+    dicts."""
     saved: list[tuple[nn.Module, str, Tensor]] = []
     try:
         for name, value in tensors.items():
@@ -192,7 +193,7 @@ class _LowRankTerms(torch.autograd.Function):
             flat_x = x.reshape(-1, x.shape[-1])
             factors = [(flat_x @ c.to(x.dtype), b) for c, b in zip(shifts, shift_bases, strict=True)]
             saved = x
-        if factors and factors[0][0].dtype != dtype or any(right.dtype != dtype for _, right in factors):
+        if any(left.dtype != dtype or right.dtype != dtype for left, right in factors):
             factors = [(left.to(dtype), right.to(dtype)) for left, right in factors]
         out = _add_products(ctx, output, factors)
         ctx.save_for_backward(saved, *bases, *shifts)
