@@ -140,6 +140,11 @@ def run_worker(spec: dict[str, Any], output_dir: str) -> None:
         result.update(sketch_shares(trainer))
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(result, handle)
+    if dist.is_initialized():
+        # Leaving the process group to interpreter shutdown aborted a rank now and then (torch 2.13, gloo:
+        # "terminate called without an active exception" after its results were written).
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:
