@@ -25,7 +25,9 @@ from bros_hf.core.upper import DEFAULT_RMS_DECAY
 # 0.951; the MLP benchmark and hyper-data cleaning equal or better).
 DOMAIN_LOGIT_TRAVEL = 5.0
 DEFAULT_SAMPLE_UPPER_LR = 0.25
-SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop")
+# Adafactor: transformers' own, as the Trainer builds it for optim="adafactor" (an absolute step size, lr); its
+# factored second moment holds m + n floats for an [m, n] tensor instead of AdamW's 2mn.
+SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor")
 
 
 @dataclass

@@ -72,7 +72,12 @@ from bros_hf.losses import (
 )
 from bros_hf.modules import broadcast_vector_names, full_space_parameter_names, model_perturber
 from bros_hf.selection import load_sample_weights
-from bros_hf.validation import DomainPresenceMonitor, LabelSpace, check_subspace_coverage
+from bros_hf.validation import (
+    DomainPresenceMonitor,
+    LabelSpace,
+    check_coordinate_optimizer,
+    check_subspace_coverage,
+)
 
 STATE_FILE = "bros_state_rank{rank}.pt"
 
@@ -429,6 +434,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             self.args, self._bilevel_model()
         )
         optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k != "weight_decay"}
+        check_coordinate_optimizer(optimizer_cls, optimizer_kwargs)
         groups = [{"params": list(self._coordinates.values()), "weight_decay": 0.0}]
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         self.optimizer.register_step_post_hook(self._fold_coordinates)

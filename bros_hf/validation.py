@@ -4,6 +4,8 @@
   classifier, vocabulary of a causal LM), checked on whole ``datasets.Dataset`` columns at
   construction and on every collated batch (which covers torch and iterable datasets).
 - :func:`check_subspace_coverage`: ``bilevel_method="bros"`` with a rank that sketches nothing.
+- :func:`check_coordinate_optimizer`: an optimizer whose step is relative to the parameter's own scale, which the
+  always-zero subspace coordinates do not have.
 - :class:`DomainPresenceMonitor`: warns when a domain has been missing from the lower batches
   for many consecutive optimizer steps.
 """
@@ -228,6 +230,31 @@ def check_subspace_coverage(params: Mapping[str, Tensor], rank: int, unsketched:
             f"BROS subspace_rank={rank}: {len(full)} of {len(params)} trainable tensors ({count} of {total} "
             f"parameters) stay full-space (1-D or [1, ...], sketched dimension ≤ {rank}, or full_space_modules): "
             f"{shown}."
+        )
+
+
+# ---------------------------------------------------------------------------------- coordinate optimizer
+def check_coordinate_optimizer(optimizer_cls: type, optimizer_kwargs: Mapping[str, Any]) -> None:
+    """Refuse an optimizer that scales its step by the parameter's own root mean square.
+
+    The lower optimizer steps the subspace coordinates a, which are zero before every step (θ ← θ + U a,
+    then a ← 0), so a step relative to RMS(a) would be its floor ε₂ times the step size, whatever θ's scale.
+    ``optim="adafactor"`` builds transformers' Adafactor with ``scale_parameter=False, relative_step=False``
+    (an absolute step, lr), which is right; torch's ``Adafactor`` and transformers' with either flag on are not.
+    """
+    name = f"{optimizer_cls.__module__}.{optimizer_cls.__qualname__}"
+    relative = optimizer_cls.__name__ == "Adafactor" and (
+        optimizer_cls.__module__.startswith("torch.")
+        or optimizer_kwargs.get("scale_parameter", True)
+        or optimizer_kwargs.get("relative_step", True)
+    )
+    if relative:
+        raise ValueError(
+            f"{name} with {dict(optimizer_kwargs)} scales each step by the parameter's root mean square, but the "
+            "lower optimizer steps subspace coordinates that are zero before every step, so every step would be "
+            "the floor eps times the step size. Use optim='adafactor' (transformers' Adafactor with "
+            "scale_parameter=False, relative_step=False: an absolute step, learning_rate), or pass those two "
+            "flags in optimizer_cls_and_kwargs."
         )
 
 

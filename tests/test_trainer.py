@@ -133,7 +133,7 @@ def test_fused_and_unfused_adamw_take_the_same_lower_steps(tmp_path, toy):
         torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
+@pytest.mark.parametrize("optim", ["adamw_torch", "sgd", "adafactor"])
 def test_resume_reproduces_uninterrupted_run(tmp_path, toy, optim):
     common = dict(max_steps=30, save_strategy="steps", save_steps=10, optim=optim, sketch_resample_interval=4)
     full = train(make_args(tmp_path / "full", **common), *toy)

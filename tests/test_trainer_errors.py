@@ -126,7 +126,7 @@ def test_sample_mode_needs_indexable_train_set(tmp_path, toy):
         ({"sketch_resample_interval": 0}, "sketch_resample_interval must be an integer ≥ 1"),
         ({"bilevel_method": "soba"}, "bilevel_method must be 'bros' or 'masoba'"),
         ({"upper_level": "token"}, "upper_level must be"),
-        ({"optim": "adafactor"}, "not supported for the lower level"),
+        ({"optim": "lomo"}, "not supported for the lower level"),
         ({"fsdp": "full_shard"}, "FSDP is not supported"),
         ({"neftune_noise_alpha": 5.0}, "neftune_noise_alpha=5.0 is not supported: NEFTune adds fresh random noise"),
         (
