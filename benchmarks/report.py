@@ -16,6 +16,7 @@ TARGETS = {
     "loss_rel_diff": 0.02,  # |final target loss bros − masoba| / masoba
     "mixture_tv": 0.05,  # total variation between the final mixtures of bros and masoba
 }
+OPTIMIZER_NAMES = {"adamw_torch": "AdamW", "adafactor": "Adafactor"}  # --optim, as the report names it
 STATE_CATEGORIES = (
     "weights",
     "gradients",
@@ -237,7 +238,9 @@ def markdown(
             )
         lines.append(
             f"- Setting: profile `{settings.get('profile')}`, device `{settings.get('device')}`, "
-            f"{'bf16 mixed precision' if settings.get('bf16') else 'fp32'}, batch per size (headings), AdamW lr {settings.get('lr')} (lower level; BROS/MA-SOBA keep it in "
+            f"{'bf16 mixed precision' if settings.get('bf16') else 'fp32'}, batch per size (headings), "
+            f"{OPTIMIZER_NAMES.get(settings.get('optim', 'adamw_torch'), settings.get('optim'))} lr {settings.get('lr')} "
+            "(lower level; BROS/MA-SOBA keep its state in "
             f"coordinates), upper lr {settings.get('upper_lr') or 'default'}, aux lr {settings.get('aux_lr') or 'default'}, "
             f"seed {settings.get('seed')}, torch {ok[0].get('torch')} ({ok[0].get('threads')} threads), "
             f"transformers {ok[0].get('transformers')}."

@@ -6,6 +6,7 @@
     python -m benchmarks.run --device cuda                # GPU sizes (160M-1B Llama, GPT-2 124M, ViT-B)
     python -m benchmarks.run --device cuda --bf16         # the same in bf16 mixed precision (TrainingArguments.bf16)
     python -m benchmarks.run --sizes llama-l --methods plain masoba-fd bros-r16-fd --steps 6
+    python -m benchmarks.run --sizes gpt2-124m --batch_size 3 --steps 4 --optim adafactor  # every method, Adafactor
 
 Every configuration (model size × method) runs in its own subprocess (``benchmarks.worker``) with
 ``MALLOC_MMAP_THRESHOLD_=65536`` so peak memory starts from a fresh heap; results land in
@@ -14,7 +15,7 @@ Every configuration (model size × method) runs in its own subprocess (``benchma
 Every worker also times one full Trainer checkpoint save after its last step (``save_time_s``,
 ``checkpoint_mb``; see :mod:`benchmarks.worker`).
 
-Methods (same model init, data, batch, lower optimizer AdamW, learning rate and seed):
+Methods (same model init, data, batch, lower optimizer (AdamW unless ``--optim``), learning rate and seed):
 ``plain`` (``transformers.Trainer``), ``masoba-{ag,fd}`` (BROSTrainer, bilevel_method="masoba"),
 ``bros-r{4,16,64}-{ag,fd}`` (BROSTrainer, subspace_rank r; embeddings take full-space lower updates,
 the package default), ``bros-r16-{ag,fd}-sketchall`` (every matrix in the subspace,
@@ -183,6 +184,8 @@ def make_spec(
         name += f"__lc{settings['loss_chunk_size']}"
     if settings.get("z_dtype") and method.method != "plain":
         name += f"__z{settings['z_dtype']}"
+    if settings.get("optim", "adamw_torch") != "adamw_torch":
+        name += f"__{settings['optim']}"
     return {
         "name": name,
         "size": size,
@@ -210,6 +213,7 @@ def make_spec(
         "activation_checkpointing": bool(settings.get("activation_checkpointing", False)),
         "loss_chunk_size": settings.get("loss_chunk_size") if method.method != "plain" else None,
         "z_dtype": settings.get("z_dtype") if method.method != "plain" else None,
+        "optim": settings.get("optim", "adamw_torch"),
         "run_dir": os.path.join(output_dir, "trainer_output", name),
     }
 
@@ -317,6 +321,7 @@ def build_plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str,
         activation_checkpointing=args.activation_checkpointing,
         loss_chunk_size=args.loss_chunk_size,
         z_dtype=args.z_dtype,
+        optim=args.optim,
     )
     grid: dict[str, Any] = dict(settings["grid"])
     if args.sizes:
@@ -382,7 +387,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batch_size", type=int, help="Per-device batch size (multiple of 3), all sizes; default: per size."
     )
-    parser.add_argument("--lr", type=float, help="Lower-level learning rate (AdamW, all methods).")
+    parser.add_argument("--lr", type=float, help="Lower-level learning rate (the lower optimizer, all methods).")
     parser.add_argument(
         "--eval_every", type=int, help="Target-loss curve: evaluate every N steps (0: only at the end)."
     )
@@ -428,6 +433,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--z_dtype",
         choices=["float32", "bfloat16"],
         help="The bilevel methods store z in this dtype (BROSConfig.z_dtype; default float32).",
+    )
+    parser.add_argument(
+        "--optim",
+        choices=["adamw_torch", "adafactor"],
+        default="adamw_torch",
+        help="TrainingArguments.optim for every method (the lower optimizer). adafactor: transformers' Adafactor, "
+        "whose factored second moment holds m + n floats for an [m, n] tensor, no first moment.",
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="Seconds per configuration.")
     parser.add_argument(

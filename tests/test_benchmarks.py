@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks import report
 from benchmarks.models import SIZES, build_model, count_parameters
@@ -174,6 +175,26 @@ def test_activation_checkpointing_reaches_every_method(tmp_path):
         trainer = build_trainer(spec, build_model(size, 0), train, target, str(tmp_path / spec["name"]), [])
         assert trainer.args.gradient_checkpointing
         assert trainer.args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+
+
+def test_optim_reaches_every_method(tmp_path):
+    """``--optim adafactor`` builds transformers' Adafactor for plain and BROS alike, under names of their own."""
+    from transformers.optimization import Adafactor
+
+    from benchmarks.data import build_data
+    from benchmarks.worker import build_trainer
+
+    argv = ["--sizes", "llama-test", "--methods", "plain", "bros-r16-fd", "--output_dir", str(tmp_path)]
+    _, specs = build_plan(parse_args([*argv, "--optim", "adafactor"]))
+    _, default_specs = build_plan(parse_args(argv))
+    assert [s["name"] for s in specs] == [f"{s['name']}__adafactor" for s in default_specs]
+    size = SIZES["llama-test"]
+    train, target, _ = build_data(size, 8, 8, 2, seed=0)
+    for spec, default in zip(specs, default_specs, strict=True):
+        for plan, expected in ((spec, Adafactor), (default, torch.optim.AdamW)):
+            trainer = build_trainer(plan, build_model(size, 0), train, target, str(tmp_path / plan["name"]), [])
+            trainer.create_optimizer()
+            assert type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)) is expected, plan["name"]
 
 
 def test_parameter_estimate_finds_the_largest_causal_lm():
