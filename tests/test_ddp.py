@@ -160,13 +160,21 @@ def test_rank_mismatches_names_quantities_tensors_and_rank_groups():
     assert rank_mismatches(diverged) == ["z differs across ranks: a (ranks [0, 2] vs [1])."]
 
 
-def test_bfloat16_z_stays_identical_across_ranks_and_saves(tmp_path):
+@pytest.mark.parametrize(
+    "variant", [["--z_dtype", "bfloat16"], ["--optim", "adafactor"]], ids=["bfloat16_z", "adafactor"]
+)
+def test_variants_stay_identical_across_ranks_and_save(tmp_path, variant):
     """z_dtype='bfloat16': the stochastic rounding draws from the engine's generator, seeded alike on every rank, so
-    z stays bit-identical across processes and the saves' cross-rank check passes."""
+    z stays bit-identical across processes. optim='adafactor': its factored statistics come from the all-reduced
+    coordinate gradients, so θ does. Both pass the saves' cross-rank check."""
     output_dir = tmp_path / "out"
-    assert_ok(run(ddp_command(output_dir, "--max_steps", "10", "--z_dtype", "bfloat16", *SAVES)))
+    assert_ok(run(ddp_command(output_dir, "--max_steps", "10", *variant, *SAVES)))
     rank0 = torch.load(output_dir / "final_state_rank0.pt", weights_only=True)
     rank1 = torch.load(output_dir / "final_state_rank1.pt", weights_only=True)
-    assert all(z.dtype == torch.bfloat16 for z in rank0["z"].values())
+    if "--z_dtype" in variant:
+        assert all(z.dtype == torch.bfloat16 for z in rank0["z"].values())
+    else:
+        optimizer = torch.load(output_dir / "checkpoint-10" / "optimizer.pt", weights_only=True)
+        assert any("exp_avg_sq_row" in state for state in optimizer["state"].values()), "not Adafactor's state"
     assert_identical(rank0, rank1)
     assert (output_dir / "checkpoint-10" / "bros_state_rank0.pt").exists()
