@@ -199,8 +199,6 @@ def test_optim_reaches_every_method(tmp_path):
 
 def test_parameter_estimate_finds_the_largest_causal_lm():
     """The timing size is picked without building models: the estimate is within 1 % of the real count."""
-    import torch
-
     for name, size in SIZES.items():
         if size.is_lm:
             with torch.device("meta"):

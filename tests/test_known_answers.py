@@ -93,7 +93,7 @@ def run(
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    """Lazily trained mixtures, shared by the tests: {(task, method, scale): w}."""
+    """Lazily trained mixtures, shared by the tests: {(task, method, scale, z_dtype, optim): (tail average, final)}."""
     cache: dict[tuple[str, str, float, str, str], tuple[np.ndarray, np.ndarray]] = {}
     root = tmp_path_factory.mktemp("known")
 
