@@ -434,7 +434,8 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
             self.args, self._bilevel_model()
         )
         optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k != "weight_decay"}
-        check_coordinate_optimizer(optimizer_cls, optimizer_kwargs)
+        sketched = [n for n, c in self._coordinates.items() if c is not params[n]]
+        check_coordinate_optimizer(optimizer_cls, optimizer_kwargs, sketched)
         groups = [{"params": list(self._coordinates.values()), "weight_decay": 0.0}]
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         self.optimizer.register_step_post_hook(self._fold_coordinates)

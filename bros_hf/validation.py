@@ -234,13 +234,19 @@ def check_subspace_coverage(params: Mapping[str, Tensor], rank: int, unsketched:
 
 
 # ---------------------------------------------------------------------------------- coordinate optimizer
-def check_coordinate_optimizer(optimizer_cls: type, optimizer_kwargs: Mapping[str, Any]) -> None:
-    """Refuse an optimizer that scales its step by the parameter's own root mean square.
+def check_coordinate_optimizer(
+    optimizer_cls: type, optimizer_kwargs: Mapping[str, Any], sketched: Sequence[str]
+) -> None:
+    """Refuse an optimizer that scales its step by the parameter's own root mean square where it would step
+    subspace coordinates.
 
-    The lower optimizer steps the subspace coordinates a, which are zero before every step (θ ← θ + U a,
-    then a ← 0), so a step relative to RMS(a) would be its floor ε₂ times the step size, whatever θ's scale.
-    ``optim="adafactor"`` builds transformers' Adafactor with ``scale_parameter=False, relative_step=False``
-    (an absolute step, lr), which is right; torch's ``Adafactor`` and transformers' with either flag on are not.
+    The lower optimizer steps the coordinates a of each sketched tensor (``sketched``), which are zero before
+    every step (θ ← θ + U a, then a ← 0), so a step relative to RMS(a) would be its floor ε₂ times the step size,
+    whatever θ's scale. Full-space tensors (U = I: ``bilevel_method="masoba"``, and under BROS the
+    ``full_space_modules``, ``lower_full_space_modules``, vectors and small tensors) are stepped as θ itself, as in
+    a plain Trainer, so any optimizer is right for them. ``optim="adafactor"`` builds transformers' Adafactor with
+    ``scale_parameter=False, relative_step=False`` (an absolute step, lr), which is right everywhere; torch's
+    ``Adafactor`` and transformers' with either flag on are not, unless nothing is sketched.
     """
     name = f"{optimizer_cls.__module__}.{optimizer_cls.__qualname__}"
     relative = optimizer_cls.__name__ == "Adafactor" and (
@@ -248,13 +254,13 @@ def check_coordinate_optimizer(optimizer_cls: type, optimizer_kwargs: Mapping[st
         or optimizer_kwargs.get("scale_parameter", True)
         or optimizer_kwargs.get("relative_step", True)
     )
-    if relative:
+    if relative and sketched:
         raise ValueError(
             f"{name} with {dict(optimizer_kwargs)} scales each step by the parameter's root mean square, but the "
-            "lower optimizer steps subspace coordinates that are zero before every step, so every step would be "
-            "the floor eps times the step size. Use optim='adafactor' (transformers' Adafactor with "
-            "scale_parameter=False, relative_step=False: an absolute step, learning_rate), or pass those two "
-            "flags in optimizer_cls_and_kwargs."
+            f"lower optimizer steps subspace coordinates that are zero before every step ({len(sketched)} sketched "
+            f"tensors, e.g. {sketched[0]!r}), so every step would be the floor eps times the step size. Use "
+            "optim='adafactor' (transformers' Adafactor with scale_parameter=False, relative_step=False: an "
+            "absolute step, learning_rate), or pass those two flags in optimizer_cls_and_kwargs."
         )
 
 

@@ -109,3 +109,29 @@ def test_parameter_relative_steps_are_refused(tmp_path, optimizer_cls_and_kwargs
     )
     with pytest.raises(ValueError, match="root mean square.*optim='adafactor'"):
         trainer.create_optimizer()
+
+
+def test_parameter_relative_steps_are_right_where_nothing_is_sketched(tmp_path):
+    """MA-SOBA steps θ itself (U = I everywhere), as a plain Trainer does: transformers' Adafactor with its step
+    scaled by each parameter's RMS (``scale_parameter``, its default) is accepted and each step is its step on θ."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = lm_args(tmp_path, bilevel_method="masoba", max_steps=STEPS, weight_decay=0.0, max_grad_norm=0.0)
+    train_ds, upper_ds = token_domains()
+    trainer = BROSTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        upper_dataset=upper_ds,
+        optimizer_cls_and_kwargs=(Adafactor, {"lr": 1e-2, "relative_step": False}),
+    )
+    reference = AdafactorReference(trainer)
+    trainer.add_callback(reference)
+    trainer.train()
+
+    assert reference.checked_steps == STEPS
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert optimizer.param_groups[0]["scale_parameter"]
+    for name, param in model.named_parameters():
+        assert not torch.equal(param.detach(), before[name]), f"{name} did not move: the check is vacuous"
