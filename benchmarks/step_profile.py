@@ -7,9 +7,11 @@ Trainer set-up, :func:`benchmarks.worker.build_trainer`) with light timers aroun
 (process CPU time, no cProfile: its per-call cost would distort small models, whose steps are Python-bound):
 
 - ``forward``: the model's forward and the per-example losses (BROS: ``BROSTrainer._losses``, every pass;
-  plain: ``Trainer.compute_loss``), including, for BROS, ``lowrank terms fwd``: the low-rank nodes inside it;
+  plain: ``Trainer.compute_loss``), including, for BROS, ``lowrank terms fwd``: the low-rank nodes added after
+  layers, and ``shifted layers fwd``: the linear layers that run as one node at W + c w Bᵀ (their own product
+  included);
 - ``backward``: the backward passes (BROS: ``torch.autograd.grad`` in the estimators; plain:
-  ``Accelerator.backward``), including ``lowrank terms bwd``;
+  ``Accelerator.backward``), including ``lowrank terms bwd`` and ``shifted layers bwd``;
 - ``sketches``: drawing P, Q (and U when due); ``updates``: z, h and λ from the terms and the lower gradient
   handed to the optimizer (``BilevelEngine.apply``); ``optimizer``: the optimizer step, including θ ← θ + U a
   for BROS (``fold``);
@@ -35,7 +37,18 @@ from typing import Any
 
 import torch
 
-PARTS = ("forward", "lowrank terms fwd", "backward", "lowrank terms bwd", "sketches", "updates", "optimizer", "fold")
+PARTS = (
+    "forward",
+    "lowrank terms fwd",
+    "shifted layers fwd",
+    "backward",
+    "lowrank terms bwd",
+    "shifted layers bwd",
+    "sketches",
+    "updates",
+    "optimizer",
+    "fold",
+)
 
 
 class StepTimer:
@@ -79,7 +92,7 @@ class StepTimer:
 def _instrument(timer: StepTimer, trainer: Any, method: str) -> list[Callable[[], None]]:
     """Put the timers of :data:`PARTS` on the trainer and the library functions it calls."""
     from bros_hf.core.engine import BilevelEngine
-    from bros_hf.core.lowrank import _LowRankTerms
+    from bros_hf.core.lowrank import _LowRankTerms, _ShiftedLayer
 
     if method == "plain":
         return [timer.wrap(trainer, "compute_loss", "forward"), timer.wrap(trainer.accelerator, "backward", "backward")]
@@ -90,16 +103,18 @@ def _instrument(timer: StepTimer, trainer: Any, method: str) -> list[Callable[[]
         timer.wrap(BilevelEngine, "apply", "updates"),
         timer.wrap(trainer, "_fold_coordinates", "fold"),
     ]
-    for attribute, name in (("forward", "lowrank terms fwd"), ("backward", "lowrank terms bwd")):
-        original = vars(_LowRankTerms)[attribute]  # a staticmethod: wrap its function, keep it static
-        function = original.__func__
+    nodes = ((_LowRankTerms, "lowrank terms"), (_ShiftedLayer, "shifted layers"))
+    for node, label in nodes:
+        for attribute, suffix in (("forward", "fwd"), ("backward", "bwd")):
+            original = vars(node)[attribute]  # a staticmethod: wrap its function, keep it static
+            function = original.__func__
 
-        def timed(*args: Any, _function: Callable = function, _name: str = name, **kwargs: Any) -> Any:
-            with timer.part(_name):
-                return _function(*args, **kwargs)
+            def timed(*args: Any, _function: Callable = function, _name: str = f"{label} {suffix}", **kwargs: Any):
+                with timer.part(_name):
+                    return _function(*args, **kwargs)
 
-        setattr(_LowRankTerms, attribute, staticmethod(timed))
-        undo.append(lambda _attribute=attribute, _original=original: setattr(_LowRankTerms, _attribute, _original))
+            setattr(node, attribute, staticmethod(timed))
+            undo.append(lambda _node=node, _attribute=attribute, _original=original: setattr(_node, _attribute, _original))
     return undo
 
 
@@ -172,9 +187,10 @@ def profile_one(size_name: str, method_name: str, steps: int, warmup: int, batch
 
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| size | params | method | step min | step median | × plain (min) | forward | of which low-rank | backward "
-        "| of which low-rank | sketches | updates | optimizer (fold) | other |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| size | params | method | step min | step median | × plain (min) | forward | of which low-rank "
+        "| of which shifted layers | backward | of which low-rank | of which shifted layers | sketches | updates "
+        "| optimizer (fold) | other |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     plain = {r["size"]: r["step_min_ms"] for r in results if r["method"] == "plain"}
     for r in results:
@@ -183,7 +199,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['size']} | {r['n_params'] / 1e6:.2f}M | {r['method']} | {r['step_min_ms']:.1f} | "
             f"{r['step_median_ms']:.1f} | {ratio} | {p['forward']:.1f} | {p['lowrank terms fwd']:.1f} | "
-            f"{p['backward']:.1f} | {p['lowrank terms bwd']:.1f} | {p['sketches']:.1f} | {p['updates']:.1f} | "
+            f"{p['shifted layers fwd']:.1f} | {p['backward']:.1f} | {p['lowrank terms bwd']:.1f} | "
+            f"{p['shifted layers bwd']:.1f} | {p['sketches']:.1f} | {p['updates']:.1f} | "
             f"{p['optimizer']:.1f} ({p['fold']:.1f}) | {r['other_ms']:.1f} |"
         )
     return "\n".join(lines)

@@ -7,6 +7,7 @@ import torch
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
 
 from bros_hf import DomainMixture, Sketch, lower_pass
 from bros_hf.core.estimators import SubspaceVector, _CommonRandomNumbers, _first_order
@@ -203,3 +204,66 @@ def test_constant_shift_is_added_in_place_into_the_layer_output():
         halves = _LowRankTerms.apply(output, plain_x, layer, [basis, basis], [0.5 * coords, 0.5 * coords])
         torch.testing.assert_close(halves, expected)
         assert halves.data_ptr() != output.data_ptr()
+
+
+def _shifted_layer_pass(layer, x, params, sketch_p, shifts, probe, grad_out):
+    """One first-order pass through ``layer`` with constant ``shifts`` and a zero probe P a: (output, name of its
+    autograd node, ∂g/∂x, ∂g/∂b, ∂g/∂a)."""
+    from bros_hf.core.lowrank import LowRankPerturber
+
+    perturber = LowRankPerturber(layer, transposed_linear=(Conv1D,))
+    with perturber(params, shifts, probes=[(sketch_p, {"weight": probe})]):
+        output = layer(x)
+        grads = torch.autograd.grad(output, (x, params["bias"], probe), grad_out)
+    return output.detach(), type(output.grad_fn).__name__, *grads
+
+
+@pytest.mark.parametrize("with_shift", [True, False], ids=["shift", "probe-only"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_shift_in_the_weight_is_the_layer_at_the_shifted_weight(kind, with_shift):
+    """Where the weight has no more entries than the layer's input (out ≤ tokens), a float32 first-order pass puts
+    the constant shift into the weight (``_ShiftedLayer``) instead of adding c (x B) wᵀ to the output; without a
+    shift (the upper pass) the layer and its probe are one node at any size. Output, ∂g/∂x, ∂g/∂b and the probe's
+    ∂g/∂a must be those of the layer at W + ½ Q w + P a (materialised, a = 0); with a shift and few tokens, under
+    bfloat16 autocast or with a weight that takes a gradient, the output terms are used instead."""
+    from bros_hf.core.lowrank import _fuses_shift_into_weight
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 6) if kind == "linear" else Conv1D(6, 12)  # Conv1D(nf=out, nx=in)
+    weight = layer.weight.detach()
+    generator = torch.Generator().manual_seed(0)
+    sketch_p, sketch_q = (Sketch.sample({"weight": weight}, 4, generator) for _ in range(2))
+    shift = 0.1 * torch.randn(sketch_q.coordinate_shape("weight", weight))
+    shifted_weight = weight + 0.5 * sketch_q.expand_one("weight", shift, weight.shape) if with_shift else weight
+    shifts = [(0.5, sketch_q, {"weight": shift})] if with_shift else []
+    few_tokens_node = "_LowRankTermsBackward" if with_shift else "_ShiftedLayerBackward"
+
+    for tokens, expected_node in ((10, "_ShiftedLayerBackward"), (2, few_tokens_node)):
+        x = torch.randn(2, tokens // 2, 12, requires_grad=True)
+        grad_out = torch.randn(2, tokens // 2, 6)
+        params = {"weight": weight, "bias": layer.bias.detach().clone().requires_grad_(True)}
+        probe = torch.zeros(sketch_p.coordinate_shape("weight", weight), requires_grad=True)
+        output, node, grad_x, grad_bias, grad_probe = _shifted_layer_pass(
+            layer, x, params, sketch_p, shifts, probe, grad_out
+        )
+        assert node == expected_node, (tokens, node)
+
+        x_ref = x.detach().clone().requires_grad_(True)
+        bias_ref = layer.bias.detach().clone().requires_grad_(True)
+        probe_ref = torch.zeros_like(probe, requires_grad=True)
+        weight_ref = shifted_weight + sketch_p.expand_one("weight", probe_ref, weight.shape)
+        reference = functional_call(layer, {"weight": weight_ref, "bias": bias_ref}, (x_ref,))
+        references = torch.autograd.grad(reference, (x_ref, bias_ref, probe_ref), grad_out)
+        torch.testing.assert_close(output, reference.detach(), rtol=1e-5, atol=1e-6)
+        for got, want in zip((grad_x, grad_bias, grad_probe), references, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert "forward" not in vars(layer) and not layer._forward_hooks, "the pass left its forward or hook behind"
+
+    x = torch.randn(2, 5, 12)
+    layer.weight.requires_grad_(False)  # as in a pass, where the weight installed is θ detached
+    assert _fuses_shift_into_weight(layer, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _fuses_shift_into_weight(layer, x), "bfloat16: the weight's rounding would be every token's"
+    assert not _fuses_shift_into_weight(layer, x.bfloat16())
+    layer.weight.requires_grad_(True)
+    assert not _fuses_shift_into_weight(layer, x), "a weight taking a gradient keeps the layer's own node"

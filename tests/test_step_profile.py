@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 
 from benchmarks.step_profile import markdown, profile_one
-from bros_hf.core.lowrank import _LowRankTerms
+from bros_hf.core.lowrank import _LowRankTerms, _ShiftedLayer
 
 
 def test_step_profile_times_every_part_and_restores_what_it_wrapped():
-    forward, backward, grad = vars(_LowRankTerms)["forward"], vars(_LowRankTerms)["backward"], torch.autograd.grad
+    nodes = (_LowRankTerms, _ShiftedLayer)
+    originals = [(vars(node)["forward"], vars(node)["backward"]) for node in nodes]
+    grad = torch.autograd.grad
     results = [profile_one("llama-test", method, steps=5, warmup=2, batch_size=6) for method in ("plain", "bros-r16-fd")]
     plain, bros = results
     for result in results:
@@ -20,10 +22,14 @@ def test_step_profile_times_every_part_and_restores_what_it_wrapped():
         named = sum(parts[p] for p in ("forward", "backward", "sketches", "updates", "optimizer"))
         assert named <= result["step_mean_ms"] * 1.01  # parts are disjoint pieces of the step
     assert plain["parts_ms"]["lowrank terms fwd"] == 0 and plain["parts_ms"]["sketches"] == 0
-    for part in ("lowrank terms fwd", "lowrank terms bwd", "sketches", "updates", "fold"):
+    assert plain["parts_ms"]["shifted layers fwd"] == 0
+    parts = ("lowrank terms fwd", "lowrank terms bwd", "shifted layers fwd", "shifted layers bwd", "sketches", "updates")
+    for part in (*parts, "fold"):
         assert bros["parts_ms"][part] > 0, part
-    assert bros["parts_ms"]["lowrank terms fwd"] < bros["parts_ms"]["forward"]
-    assert vars(_LowRankTerms)["forward"] is forward and vars(_LowRankTerms)["backward"] is backward
+    nodes_fwd = bros["parts_ms"]["lowrank terms fwd"] + bros["parts_ms"]["shifted layers fwd"]
+    assert nodes_fwd < bros["parts_ms"]["forward"]
+    for node, (forward, backward) in zip(nodes, originals, strict=True):
+        assert vars(node)["forward"] is forward and vars(node)["backward"] is backward
     assert torch.autograd.grad is grad
     table = markdown(results)
     assert "| llama-test |" in table and "bros-r16-fd" in table

@@ -19,7 +19,10 @@ ids), saving the output-size product (x B) aᵀ and the backward through it. In 
 finite-difference passes and the upper pass) the direction's shift is a constant, so one node per layer
 (:class:`_LowRankTerms`) adds every shift into the layer's own output in place (``addmm_``: no output-sized
 Δy, which for a language model head is a logits-sized buffer; into one new tensor when the output is a view) and
-computes every probe's gradient from one product with all bases. Second-order passes
+computes every probe's gradient from one product with all bases. Linear layers (``nn.Linear``, Conv1D) in float32
+or float64 instead run as one node at the shifted weight W + c w Bᵀ (:class:`_ShiftedLayer`), formed in forward
+and again in backward, never saved, where W has no more entries than the layer's input (out ≤ tokens): fewer
+products and one autograd node instead of two. Second-order passes
 (``hessian_mode="autograd"``), whose shift carries a graph, add Δy out of place (:func:`_delta`) and take each
 probe through :class:`_ProbeGradient`.
 
@@ -32,8 +35,9 @@ positional embeddings), which a hook would get wrong. Those cost one weight-size
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +161,33 @@ def _add_products(ctx, output: Tensor, factors: list[tuple[Tensor, Tensor]]) -> 
     return output if own else flat.view(output.shape)
 
 
+def _probe_gradients(
+    module: nn.Module, saved: Tensor, probe_bases: Sequence[Tensor], flat_grad: Tensor, coords_dtypes: Sequence
+) -> list[Tensor]:
+    """∂g/∂a for each zero probe a of ``module`` from ∂g/∂y ([rows, out]) and what forward saved, one product with
+    all bases at once (see :class:`_LowRankTerms`): x B for ``nn.Linear``, the ids for ``nn.Embedding``, x for
+    Conv1D."""
+    if not probe_bases:
+        return []
+    dtype = flat_grad.dtype
+    if isinstance(module, nn.Linear):
+        grads = flat_grad.T @ (saved if saved.dtype == dtype else saved.to(dtype))
+    else:
+        basis = probe_bases[0] if len(probe_bases) == 1 else torch.cat(probe_bases, dim=1)
+        rows = flat_grad @ basis.to(dtype)
+        if isinstance(module, nn.Embedding):
+            grads = rows.new_zeros(module.num_embeddings, rows.shape[1]).index_add_(0, saved.reshape(-1), rows)
+            if module.padding_idx is not None:
+                grads[module.padding_idx] = 0
+        else:
+            grads = saved.reshape(-1, saved.shape[-1]).to(dtype).T @ rows
+    # One contiguous tensor per probe (not column views of one buffer: they reach optimizers and all-reduces).
+    if len(probe_bases) == 1:
+        return [grads.to(coords_dtypes[0])]
+    pieces = grads.split([b.shape[1] for b in probe_bases], dim=1)
+    return [g.to(c).contiguous() for g, c in zip(pieces, coords_dtypes, strict=True)]
+
+
 class _LowRankTerms(torch.autograd.Function):
     """y ↦ y + Σ_s c_s Δy_s for constant shifts (added in place, without forming Δy_s), with ∂g/∂a of the zero
     probe coordinates computed in backward: one node per layer and pass, and one product with all bases at once.
@@ -209,25 +240,7 @@ class _LowRankTerms(torch.autograd.Function):
         probe_bases, shift_bases = bases[: ctx.n_probes], bases[ctx.n_probes :]
         module, dtype = ctx.module, grad_out.dtype
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_probes: list[Tensor] = []
-        if probe_bases:
-            if isinstance(module, nn.Linear):
-                grads = flat_grad.T @ (saved if saved.dtype == dtype else saved.to(dtype))
-            else:
-                basis = probe_bases[0] if len(probe_bases) == 1 else torch.cat(probe_bases, dim=1)
-                rows = flat_grad @ basis.to(dtype)
-                if isinstance(module, nn.Embedding):
-                    grads = rows.new_zeros(module.num_embeddings, rows.shape[1]).index_add_(0, saved.reshape(-1), rows)
-                    if module.padding_idx is not None:
-                        grads[module.padding_idx] = 0
-                else:
-                    grads = saved.reshape(-1, saved.shape[-1]).to(dtype).T @ rows
-            # One contiguous tensor per probe (not column views of one buffer: they reach optimizers and all-reduces).
-            if len(probe_bases) == 1:
-                grad_probes = [grads.to(ctx.coords_dtypes[0])]
-            else:
-                pieces = grads.split([b.shape[1] for b in probe_bases], dim=1)
-                grad_probes = [g.to(c).contiguous() for g, c in zip(pieces, ctx.coords_dtypes, strict=True)]
+        grad_probes = _probe_gradients(module, saved, probe_bases, flat_grad, ctx.coords_dtypes)
         grad_x = None
         if shifts and ctx.needs_input_grad[1] and not isinstance(module, nn.Embedding):
             for coords, basis in zip(shifts, shift_bases, strict=True):
@@ -238,6 +251,93 @@ class _LowRankTerms(torch.autograd.Function):
                 grad_x = term if grad_x is None else grad_x.add_(term)
             grad_x = grad_x.reshape(*grad_out.shape[:-1], grad_x.shape[-1])
         return grad_out, grad_x, None, None, None, *grad_probes
+
+
+def _shifted_weight(weight: Tensor, bases: Sequence[Tensor], shifts: Sequence[Tensor]) -> Tensor:
+    """W + Σ_s (c_s w_s) B_sᵀ in W's own layout ([out, in] for ``nn.Linear``, [in, out] for Conv1D): a new tensor
+    (at least one shift)."""
+    dtype = weight.dtype
+    (coords, basis), *others = zip(shifts, bases, strict=True)
+    shifted = torch.addmm(weight, coords.to(dtype), basis.T.to(dtype))
+    for coords, basis in others:
+        shifted.addmm_(coords.to(dtype), basis.T.to(dtype))
+    return shifted
+
+
+def _fuses_shift_into_weight(module: nn.Module, x: Tensor, shifted: bool = True) -> bool:
+    """Whether :class:`_ShiftedLayer` is both right and cheaper than the layer plus :class:`_LowRankTerms` here.
+
+    - Right: the weight takes no gradient (the pass's lower update for this tensor is not full-space) and the
+      layer runs in float32 or float64 without autocast. In bfloat16 the weight is rounded once for every token:
+      a direction of δ‖d‖ = 2e-3 ‖θ‖ sits near half a bfloat16 unit of W's entries, so its rounding error would be
+      the same for every token instead of averaging out over them, as rounding in the layer's output does.
+    - Cheaper and no larger (``shifted``: a pass with a constant shift): W has at most as many entries as the
+      layer's input x ([tokens, in]), i.e. out ≤ tokens. Then forming W + c w Bᵀ (once in forward, once in
+      backward; [out, in] written, never saved) costs no more memory than x and fewer products than adding
+      c (x B) wᵀ to the output and c (∂g/∂y w) Bᵀ to ∂g/∂x (a language-model head, out = vocabulary ≫ tokens,
+      keeps the terms). Without a shift (the upper pass: probes only) W is used as it is: one node instead of two.
+    """
+    weight = module.weight
+    return (
+        not weight.requires_grad
+        and x.dtype == weight.dtype
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch.is_autocast_enabled(x.device.type)
+        and (not shifted or weight.numel() <= x.numel())
+    )
+
+
+class _ShiftedLayer(torch.autograd.Function):
+    """A linear layer at W + Σ_s c_s w_s B_sᵀ for constant shifts (none: W), with ∂g/∂a of the zero probe
+    coordinates, in one node: the shifts go into a weight formed in forward and again in backward (never saved),
+    instead of into the output (:class:`_LowRankTerms`, a second node after the layer's own). With W' that weight
+    and B = [B_1 … B_k] the probes' bases:
+
+    - Linear (y = x W'ᵀ + b):  ∂g/∂x = ∂g/∂y W';   ∂g/∂a = ∂g/∂yᵀ (x B)
+    - Conv1D (y = x W' + b):   ∂g/∂x = ∂g/∂y W'ᵀ;  ∂g/∂a = xᵀ (∂g/∂y B)
+
+    and ∂g/∂b = Σ_rows ∂g/∂y. W itself takes no gradient (:func:`_fuses_shift_into_weight`). Saves x B (Linear)
+    or x (Conv1D), W, and the r-dim factors: no more than the layer's own forward would.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, module: nn.Module, bases: list[Tensor],
+                shifts: list[Tensor], *probe_coords: Tensor) -> Tensor:
+        n_probes = len(probe_coords)
+        probe_bases, shift_bases = bases[:n_probes], bases[n_probes:]
+        shifted = _shifted_weight(weight, shift_bases, shifts) if shifts else weight
+        flat_x = x.reshape(-1, x.shape[-1])
+        if isinstance(module, nn.Linear):
+            output = F.linear(x, shifted, bias)
+            saved = None
+            if probe_bases:
+                basis = probe_bases[0] if len(probe_bases) == 1 else torch.cat(probe_bases, dim=1)
+                saved = flat_x @ basis.to(x.dtype)
+        else:  # transposed linear (Conv1D)
+            flat = flat_x @ shifted if bias is None else torch.addmm(bias, flat_x, shifted)
+            output = flat.view(*x.shape[:-1], shifted.shape[1])
+            saved = x if probe_bases else None
+        ctx.save_for_backward(saved, weight, *bases, *shifts)
+        ctx.module, ctx.n_probes, ctx.coords_dtypes = module, n_probes, [c.dtype for c in probe_coords]
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        saved, weight, *rest = ctx.saved_tensors
+        n_bases = (len(rest) + ctx.n_probes) // 2
+        bases, shifts = rest[:n_bases], rest[n_bases:]
+        probe_bases, shift_bases = bases[: ctx.n_probes], bases[ctx.n_probes :]
+        module = ctx.module
+        flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_probes = _probe_gradients(module, saved, probe_bases, flat_grad, ctx.coords_dtypes)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            shifted = _shifted_weight(weight, shift_bases, shifts) if shifts else weight
+            flat_x_grad = flat_grad @ (shifted if isinstance(module, nn.Linear) else shifted.T)
+            grad_x = flat_x_grad.view(*grad_out.shape[:-1], flat_x_grad.shape[-1])
+        if ctx.needs_input_grad[2]:
+            grad_bias = flat_grad.sum(0)
+        return grad_x, None, grad_bias, None, None, None, *grad_probes
 
 
 class InstalledParameters(dict):
@@ -330,8 +430,17 @@ class LowRankPerturber:
                 output = _ProbeGradient.apply(output, coords, inputs[0], matrix, module)
             return output
 
-        handles = [module.register_forward_hook(hook) for module in hooked]
+        # Linear layers in first-order passes run through a forward of this context's own, which puts the shift into
+        # the weight (and the probes into the same node) where that is right and cheaper (_fuses_shift_into_weight).
+        # Not where something else already replaced the instance's forward (accelerate's device hooks do): those
+        # keep the output hook.
+        reweighted = [
+            module for module in constant if not isinstance(module, nn.Embedding) and "forward" not in vars(module)
+        ]
+        handles = [module.register_forward_hook(hook) for module in hooked if module not in reweighted]
         try:
+            for module in reweighted:
+                vars(module)["forward"] = _shifted_forward(module, *constant[module])
             # The model holds the perturbed tensors for the whole context, not only while the loss function's
             # functional_call runs: activation checkpointing recomputes the forward during backward, after that
             # call has put the module's own parameters back.
@@ -340,3 +449,22 @@ class LowRankPerturber:
         finally:
             for handle in handles:
                 handle.remove()
+            for module in reweighted:
+                vars(module).pop("forward", None)
+
+
+def _shifted_forward(
+    module: nn.Module, bases: list[Tensor], scaled: list[Tensor], probe_coords: list[Tensor]
+) -> Callable[..., Tensor]:
+    """The forward of a linear layer (``nn.Linear`` or Conv1D) for a first-order pass with constant shifts: the
+    layer at W + Σ_s c_s w_s B_sᵀ (:class:`_ShiftedLayer`) where :func:`_fuses_shift_into_weight` says so, else
+    the layer's own forward and :class:`_LowRankTerms` (what the output hook does for other layers)."""
+    layer_forward = type(module).forward
+
+    def forward(*args: Any, **kwargs: Any) -> Tensor:
+        x = args[0] if args else next(iter(kwargs.values()))
+        if _fuses_shift_into_weight(module, x, shifted=bool(scaled)):
+            return _ShiftedLayer.apply(x, module.weight, module.bias, module, bases, scaled, *probe_coords)
+        return _LowRankTerms.apply(layer_forward(module, *args, **kwargs), x, module, bases, scaled, *probe_coords)
+
+    return forward
