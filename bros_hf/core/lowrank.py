@@ -161,6 +161,21 @@ def _add_products(ctx, output: Tensor, factors: list[tuple[Tensor, Tensor]]) -> 
     return output if own else flat.view(output.shape)
 
 
+def _joined(bases: Sequence[Tensor]) -> Tensor:
+    """[B_1 … B_k] side by side (one product with all bases at once); a single basis as it is."""
+    return bases[0] if len(bases) == 1 else torch.cat(bases, dim=1)
+
+
+def _unpack_bases(
+    tensors: Sequence[Tensor], n_probes: int
+) -> tuple[Sequence[Tensor], Sequence[Tensor], Sequence[Tensor]]:
+    """(probe bases, shift bases, shifts) from a node's saved ``[*bases, *shifts]``, bases the probes' then the
+    shifts' (one shift per shift basis)."""
+    n_bases = (len(tensors) + n_probes) // 2
+    bases, shifts = tensors[:n_bases], tensors[n_bases:]
+    return bases[:n_probes], bases[n_probes:], shifts
+
+
 def _probe_gradients(
     module: nn.Module, saved: Tensor, probe_bases: Sequence[Tensor], flat_grad: Tensor, coords_dtypes: Sequence
 ) -> list[Tensor]:
@@ -173,8 +188,7 @@ def _probe_gradients(
     if isinstance(module, nn.Linear):
         grads = flat_grad.T @ (saved if saved.dtype == dtype else saved.to(dtype))
     else:
-        basis = probe_bases[0] if len(probe_bases) == 1 else torch.cat(probe_bases, dim=1)
-        rows = flat_grad @ basis.to(dtype)
+        rows = flat_grad @ _joined(probe_bases).to(dtype)
         if isinstance(module, nn.Embedding):
             grads = rows.new_zeros(module.num_embeddings, rows.shape[1]).index_add_(0, saved.reshape(-1), rows)
             if module.padding_idx is not None:
@@ -208,8 +222,7 @@ class _LowRankTerms(torch.autograd.Function):
         dtype, n_probes = output.dtype, len(probe_coords)
         shift_bases = bases[n_probes:]
         if isinstance(module, nn.Linear):
-            basis = bases[0] if len(bases) == 1 else torch.cat(bases, dim=1)
-            projected = F.linear(x, basis.T.to(x.dtype))
+            projected = F.linear(x, _joined(bases).T.to(x.dtype))
             projected = projected.reshape(-1, projected.shape[-1])
             factors, start = [], projected.shape[1] - sum(b.shape[1] for b in shift_bases)
             saved = projected[:, :start].contiguous() if shifts else projected
@@ -233,11 +246,8 @@ class _LowRankTerms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        saved, *bases = ctx.saved_tensors
-        # Saved after x (or the ids): the bases (the probes' then the shifts'), then one tensor per shift.
-        n_bases = (len(bases) + ctx.n_probes) // 2
-        bases, shifts = bases[:n_bases], bases[n_bases:]
-        probe_bases, shift_bases = bases[: ctx.n_probes], bases[ctx.n_probes :]
+        saved, *rest = ctx.saved_tensors  # x B, x or the ids; then the bases and the shifts
+        probe_bases, shift_bases, shifts = _unpack_bases(rest, ctx.n_probes)
         module, dtype = ctx.module, grad_out.dtype
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         grad_probes = _probe_gradients(module, saved, probe_bases, flat_grad, ctx.coords_dtypes)
@@ -311,8 +321,7 @@ class _ShiftedLayer(torch.autograd.Function):
             output = F.linear(x, shifted, bias)
             saved = None
             if probe_bases:
-                basis = probe_bases[0] if len(probe_bases) == 1 else torch.cat(probe_bases, dim=1)
-                saved = flat_x @ basis.to(x.dtype)
+                saved = flat_x @ _joined(probe_bases).to(x.dtype)
         else:  # transposed linear (Conv1D)
             flat = flat_x @ shifted if bias is None else torch.addmm(bias, flat_x, shifted)
             output = flat.view(*x.shape[:-1], shifted.shape[1])
@@ -324,9 +333,7 @@ class _ShiftedLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         saved, weight, *rest = ctx.saved_tensors
-        n_bases = (len(rest) + ctx.n_probes) // 2
-        bases, shifts = rest[:n_bases], rest[n_bases:]
-        probe_bases, shift_bases = bases[: ctx.n_probes], bases[ctx.n_probes :]
+        probe_bases, shift_bases, shifts = _unpack_bases(rest, ctx.n_probes)
         module = ctx.module
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         grad_probes = _probe_gradients(module, saved, probe_bases, flat_grad, ctx.coords_dtypes)
@@ -434,9 +441,9 @@ class LowRankPerturber:
         # the weight (and the probes into the same node) where that is right and cheaper (_fuses_shift_into_weight).
         # Not where something else already replaced the instance's forward (accelerate's device hooks do): those
         # keep the output hook.
-        reweighted = [
+        reweighted = {
             module for module in constant if not isinstance(module, nn.Embedding) and "forward" not in vars(module)
-        ]
+        }
         handles = [module.register_forward_hook(hook) for module in hooked if module not in reweighted]
         try:
             for module in reweighted:
