@@ -13,17 +13,42 @@ writes the gradient block by block into one buffer: one logits-sized allocation 
 which matters because a bilevel step runs three passes over a vocabulary-sized head. Liger-Kernel and
 cut-cross-entropy fuse the same arithmetic in Triton kernels, for CUDA only; this is plain torch, for any device.
 
+Inside :func:`gradient_in_logits` the backward writes the gradient into the logits' own memory instead: no
+logits-sized allocation at all, and the logits and their gradient are never held at once (for GPT-2 at 3 × 512 tokens
+each is 309 MB). That is for callers that own the logits, such as the trainer's bilevel passes with the built-in loss:
+nothing may read the logits after the backward pass. Another autograd node that saved them for its own backward is
+not silently misled: autograd's version check raises when that node unpacks them.
+
 Under a double backward (``hessian_mode="autograd"``: grad mode is on inside backward) the gradient is built from
 differentiable ops on the logits instead, so second derivatives are exact.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import Tensor
 
 BLOCK_ELEMENTS = 1 << 22
 """Logits entries (rows × vocabulary) handled at once: 16 MB of float32 temporaries per block."""
+
+
+_GRADIENT_IN_LOGITS: ContextVar[bool] = ContextVar("gradient_in_logits", default=False)
+
+
+@contextmanager
+def gradient_in_logits() -> Iterator[None]:
+    """Token losses computed inside this context (their forward) write ∂ℓ/∂x into the memory of the logits x in
+    backward, overwriting them, where the logits are a contiguous non-leaf tensor (the output of a head). Use it only
+    where nothing reads the logits after the backward pass."""
+    token = _GRADIENT_IN_LOGITS.set(True)
+    try:
+        yield
+    finally:
+        _GRADIENT_IN_LOGITS.reset(token)
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int, label_smoothing: float = 0.0) -> Tensor:
@@ -62,6 +87,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
             loss = loss - smoothing * mean
         ctx.save_for_backward(logits, lse, targets, valid)
         ctx.smoothing = smoothing
+        ctx.gradient_in_logits = _GRADIENT_IN_LOGITS.get() and not logits.is_leaf and logits.is_contiguous()
         return torch.where(valid, loss, 0.0)
 
     @staticmethod
@@ -74,7 +100,10 @@ class _TokenCrossEntropy(torch.autograd.Function):
             one_hot = torch.zeros_like(probabilities).scatter_(1, targets[:, None], 1.0 - smoothing)
             grad = (probabilities - one_hot - smoothing / vocabulary) * weight
             return grad.to(logits.dtype), None, None, None
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        if ctx.gradient_in_logits:
+            grad = logits  # overwritten block by block: each block's logits are read before its gradient is written
+        else:
+            grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         in_place = logits.dtype == lse.dtype
         step = _row_step(logits)
         # Lower-precision logits: each block in float32 in one scratch buffer, then rounded into the gradient.
@@ -83,7 +112,10 @@ class _TokenCrossEntropy(torch.autograd.Function):
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
             block = grad[rows] if in_place else scratch[: grad[rows].shape[0]]
-            torch.sub(logits[rows], lse[rows, None], out=block)
+            if block.data_ptr() == logits[rows].data_ptr():
+                block.sub_(lse[rows, None])
+            else:
+                torch.sub(logits[rows], lse[rows, None], out=block)
             block.exp_().mul_(weight[rows])
             block.scatter_add_(1, targets[rows, None], weight[rows] * -(1.0 - smoothing))
             if smoothing:

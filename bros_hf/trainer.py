@@ -40,6 +40,7 @@ from bros_hf.core.engine import BilevelEngine, StepStatistics, Terms, make_lower
 from bros_hf.core.estimators import global_norm
 from bros_hf.core.lowrank import InstalledParameters
 from bros_hf.core.upper import DomainMixture, SampleWeights, UpperVariable
+from bros_hf.cross_entropy import gradient_in_logits
 from bros_hf.data import (
     KEY_COLUMN,
     BalancedDomainSampler,
@@ -634,7 +635,11 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
                     outputs = model(**model_inputs)
                 else:
                     outputs = functional_call(model, dict(params), args=(), kwargs=model_inputs, strict=False)
-            losses, counts = self._losses_from_outputs(params, model_inputs, outputs, labels, packing)
+            # The built-in loss is the only reader of these logits, so its backward may write their gradient into
+            # them (no second logits-sized buffer per pass); a custom loss might read them in another way.
+            built_in_loss = type(self).per_example_loss is BROSTrainer.per_example_loss and self.compute_loss_func is None
+            with gradient_in_logits() if built_in_loss else contextlib.nullcontext():
+                losses, counts = self._losses_from_outputs(params, model_inputs, outputs, labels, packing)
         if packing is not None and KEY_COLUMN not in inputs:  # upper batches: padding segments are not examples
             losses = losses[counts > 0]
             counts = counts[counts > 0]

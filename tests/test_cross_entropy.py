@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import bros_hf.cross_entropy as cross_entropy_module
-from bros_hf.cross_entropy import token_cross_entropy
+from bros_hf.cross_entropy import gradient_in_logits, token_cross_entropy
 from bros_hf.losses import causal_lm_losses
 from tests.saved_bytes import saved_for_backward_bytes
 
@@ -90,6 +90,92 @@ def test_keeps_only_the_logits_for_backward():
     assert ours <= logits_bytes + 64 * 32
     assert per_example <= logits_bytes + 64 * 32
     assert reference >= 2 * logits_bytes
+
+
+class _GradientPointer(torch.autograd.Function):
+    """x ↦ a copy of x (a new non-leaf tensor, as a head's output is); records where the gradient it receives lives."""
+
+    pointers: list[int] = []
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        _GradientPointer.pointers.append(grad.data_ptr())
+        return grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_elements", [1 << 22, 100])
+def test_gradient_in_logits_overwrites_them_with_the_same_gradient(monkeypatch, dtype, block_elements):
+    """Inside ``gradient_in_logits`` the backward writes the gradient into the logits' own memory (the head's output:
+    a non-leaf tensor) instead of a new buffer, block by block, with the same values as outside it."""
+    monkeypatch.setattr(cross_entropy_module, "BLOCK_ELEMENTS", block_elements)
+    logits, labels = _batch(dtype=dtype)
+    upstream = torch.randn(labels.shape[0], generator=torch.Generator().manual_seed(1))
+    grads, pointers, overwritten = [], [], []
+    for inside in (False, True):
+        source = logits.clone().requires_grad_()
+        head_output = _GradientPointer.apply(source)  # what a head returns: a non-leaf tensor
+        pointer = head_output.data_ptr()
+        context = gradient_in_logits() if inside else torch.enable_grad()
+        with context:
+            losses = token_cross_entropy(head_output, labels, IGNORE, 0.1)
+        (losses * upstream).sum().backward()
+        grads.append(source.grad)
+        pointers.append(_GradientPointer.pointers.pop() == pointer)
+        overwritten.append(not torch.equal(head_output.detach(), logits))
+    assert pointers == [False, True] and overwritten == [False, True]
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_gradient_in_logits_leaves_leaves_and_noncontiguous_logits_alone():
+    """A leaf (the caller's own tensor) and a non-contiguous view are never overwritten."""
+    logits, labels = _batch()
+    leaf = logits.clone().requires_grad_()
+    transposed_source = logits.T.contiguous().requires_grad_()
+    with gradient_in_logits():
+        token_cross_entropy(leaf, labels, IGNORE).sum().backward()
+        strided = _GradientPointer.apply(transposed_source).T
+        token_cross_entropy(strided, labels, IGNORE).sum().backward()
+    _GradientPointer.pointers.clear()
+    assert torch.equal(leaf.detach(), logits) and torch.equal(strided.detach(), logits)
+    torch.testing.assert_close(leaf.grad, transposed_source.grad.T, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_in_logits_is_never_silently_wrong_for_another_reader():
+    """Another autograd node that saved the logits for its own backward (here a square, recorded before or after
+    the loss) either runs before the overwrite, and the gradient is right, or sees it through autograd's version
+    check and raises: never a silently wrong gradient."""
+    logits, labels = _batch()
+    outcomes = []
+    for square_first in (False, True):
+        grads = []
+        for inside in (False, True):
+            source = logits.clone().requires_grad_()
+            head_output = _GradientPointer.apply(source)
+            with gradient_in_logits() if inside else torch.enable_grad():
+                # Autograd runs the later-recorded of two ready nodes first: the square's backward before or after
+                # the loss's.
+                square = 1e-3 * head_output.pow(2).sum() if square_first else None
+                cross_entropy = token_cross_entropy(head_output, labels, IGNORE).sum()
+                if square is None:
+                    square = 1e-3 * head_output.pow(2).sum()
+                loss = square + cross_entropy
+            try:
+                loss.backward()
+            except RuntimeError as error:
+                assert inside and "modified by an inplace operation" in str(error)
+                outcomes.append("raised")
+                continue
+            grads.append(source.grad)
+        if len(grads) == 2:
+            torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+            outcomes.append("right")
+    _GradientPointer.pointers.clear()
+    assert "raised" in outcomes, outcomes  # the check is exercised, not only the lucky order
 
 
 def test_shapes_are_checked():

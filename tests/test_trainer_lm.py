@@ -93,3 +93,42 @@ def test_torch_compiled_model_is_unwrapped_for_bilevel_passes(tmp_path):
     trainer.train()
     assert trainer.state.global_step == 4
     assert all(math.isfinite(w) for w in trainer.mixture_weights().values())
+
+
+def test_bilevel_passes_write_the_loss_gradient_into_the_logits_and_change_nothing(tmp_path, monkeypatch):
+    """With the built-in loss, every pass's backward writes ∂ℓ/∂logits into the head's output itself (no second
+    logits-sized buffer); z, θ and the mixture come out bit for bit as with a separate gradient buffer. A
+    compute_loss_func may read the logits in its own way, so its passes keep them."""
+    import contextlib
+
+    import bros_hf.trainer as trainer_module
+
+    def train(tmp, **trainer_kwargs):
+        torch.manual_seed(0)
+        model = tiny_llama()
+        heads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        model.lm_head.register_forward_hook(lambda module, args, out: heads.append((out, out.detach().clone())))
+        trainer = BROSTrainer(model=model, args=lm_args(tmp, max_steps=3), train_dataset=token_domains()[0],
+                              upper_dataset=token_domains()[1], **trainer_kwargs)
+        trainer.train()
+        overwritten = [not torch.equal(out.detach(), copy) for out, copy in heads]
+        state = {name: z.clone() for name, z in trainer.engine.z.items()}
+        state.update({name: p.detach().clone() for name, p in model.named_parameters()})
+        return overwritten, state, trainer.mixture_weights()
+
+    overwritten, state, mixture = train(tmp_path / "in_logits")
+    # Two passes at step 1 (z = 0: no finite difference), then three a step.
+    assert len(overwritten) == 8 and all(overwritten), overwritten
+    monkeypatch.setattr(trainer_module, "gradient_in_logits", contextlib.nullcontext)
+    kept, reference_state, reference_mixture = train(tmp_path / "separate")
+    assert not any(kept)
+    assert mixture == reference_mixture
+    for name, value in reference_state.items():
+        assert torch.equal(state[name], value), name
+    monkeypatch.undo()
+
+    def mean_token_loss(outputs, labels, num_items_in_batch=None):
+        return torch.nn.functional.cross_entropy(outputs["logits"][:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    custom, _, _ = train(tmp_path / "custom", compute_loss_func=mean_token_loss)
+    assert custom and not any(custom)
