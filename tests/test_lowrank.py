@@ -221,15 +221,17 @@ def _shifted_layer_pass(layer, x, params, sketch_p, shifts, probe, grad_out):
 @pytest.mark.parametrize("in_out", [(12, 6), (6, 12)], ids=["narrowing", "widening"])
 @pytest.mark.parametrize("with_shift", [True, False], ids=["shift", "probe-only"])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_shift_in_the_weight_is_the_layer_at_the_shifted_weight(kind, with_shift, in_out):
-    """Where the weight has no more entries than the layer's input or its output (min(in, out) ≤ tokens), a float32
-    first-order pass puts the constant shift into the weight (``_ShiftedLayer``) instead of adding c (x B) wᵀ to the
-    output; without a shift (the upper pass) the layer and its probe are one node at any size. Output, ∂g/∂x, ∂g/∂b
-    and the probe's ∂g/∂a must be those of the layer at W + ½ Q w + P a (materialised, a = 0); with a shift and
-    fewer tokens than min(in, out), under bfloat16 autocast or with a weight that takes a gradient, the output terms
-    are used instead. The widening layer (out > tokens ≥ in) has a weight larger than its input."""
+def test_shift_in_the_weight_is_the_layer_at_the_shifted_weight(monkeypatch, kind, with_shift, in_out):
+    """Where the weight has no more entries than the layer's input (out ≤ tokens) or is small, a float32 first-order
+    pass puts the constant shift into the weight (``_ShiftedLayer``) instead of adding c (x B) wᵀ to the output;
+    without a shift (the upper pass) the layer and its probe are one node at any size. Output, ∂g/∂x, ∂g/∂b and the
+    probe's ∂g/∂a must be those of the layer at W + ½ Q w + P a (materialised, a = 0); with a shift and fewer tokens
+    than outputs (the size rule made strict here), under bfloat16 autocast or with a weight that takes a gradient,
+    the output terms are used instead."""
+    import bros_hf.core.lowrank as lowrank
     from bros_hf.core.lowrank import _fuses_shift_into_weight
 
+    monkeypatch.setattr(lowrank, "SMALL_WEIGHT_ENTRIES", 0)  # these layers are small: test the rule on tokens
     torch.manual_seed(0)
     width_in, width_out = in_out
     layer = torch.nn.Linear(width_in, width_out) if kind == "linear" else Conv1D(width_out, width_in)  # Conv1D(nf, nx)
@@ -241,7 +243,7 @@ def test_shift_in_the_weight_is_the_layer_at_the_shifted_weight(kind, with_shift
     shifts = [(0.5, sketch_q, {"weight": shift})] if with_shift else []
     few_tokens_node = "_LowRankTermsBackward" if with_shift else "_ShiftedLayerBackward"
 
-    for tokens, expected_node in ((10, "_ShiftedLayerBackward"), (4, few_tokens_node)):
+    for tokens, expected_node in ((12, "_ShiftedLayerBackward"), (4, few_tokens_node)):
         x = torch.randn(2, tokens // 2, width_in, requires_grad=True)
         grad_out = torch.randn(2, tokens // 2, width_out)
         params = {"weight": weight, "bias": layer.bias.detach().clone().requires_grad_(True)}
@@ -262,9 +264,13 @@ def test_shift_in_the_weight_is_the_layer_at_the_shifted_weight(kind, with_shift
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert "forward" not in vars(layer) and not layer._forward_hooks, "the pass left its forward or hook behind"
 
-    x = torch.randn(2, 5, width_in)
+    x = torch.randn(2, 6, width_in)
     layer.weight.requires_grad_(False)  # as in a pass, where the weight installed is θ detached
     assert _fuses_shift_into_weight(layer, x)
+    few = torch.randn(2, 2, width_in)
+    assert not _fuses_shift_into_weight(layer, few)
+    monkeypatch.setattr(lowrank, "SMALL_WEIGHT_ENTRIES", width_in * width_out)
+    assert _fuses_shift_into_weight(layer, few), "a small weight takes the node at any number of tokens"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not _fuses_shift_into_weight(layer, x), "bfloat16: the weight's rounding would be every token's"
     assert not _fuses_shift_into_weight(layer, x.bfloat16())

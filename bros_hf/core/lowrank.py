@@ -21,8 +21,8 @@ finite-difference passes and the upper pass) the direction's shift is a constant
 Δy, which for a language model head is a logits-sized buffer; into one new tensor when the output is a view) and
 computes every probe's gradient from one product with all bases. Linear layers (``nn.Linear``, Conv1D) in float32
 or float64 instead run as one node at the shifted weight W + c w Bᵀ (:class:`_ShiftedLayer`), formed in forward
-and again in backward, never saved, where W has no more entries than the layer's input or output
-(min(in, out) ≤ tokens): fewer products and one autograd node instead of two. Second-order passes
+and again in backward, never saved, where W has no more entries than the layer's input (out ≤ tokens) or is small
+(at most :data:`SMALL_WEIGHT_ENTRIES`): fewer products and one autograd node instead of two. Second-order passes
 (``hessian_mode="autograd"``), whose shift carries a graph, add Δy out of place (:func:`_delta`) and take each
 probe through :class:`_ProbeGradient`.
 
@@ -274,6 +274,13 @@ def _shifted_weight(weight: Tensor, bases: Sequence[Tensor], shifts: Sequence[Te
     return shifted
 
 
+SMALL_WEIGHT_ENTRIES = 1 << 18
+"""Weights with at most this many entries (1 MB in float32) run a first-order pass at their shifted weight whatever
+the number of tokens (:func:`_fuses_shift_into_weight`). Timed one layer at a time (one thread, r = 16), the
+shifted-weight node took 0.74–0.94 × the time of the output terms for such layers with more outputs than tokens
+(128–768 tokens), and 0.97–1.18 × for larger ones (256–1 536 tokens)."""
+
+
 def _fuses_shift_into_weight(module: nn.Module, x: Tensor, shifted: bool = True) -> bool:
     """Whether :class:`_ShiftedLayer` is both right and cheaper than the layer plus :class:`_LowRankTerms` here.
 
@@ -282,13 +289,14 @@ def _fuses_shift_into_weight(module: nn.Module, x: Tensor, shifted: bool = True)
       a direction of δ‖d‖ = 2e-3 ‖θ‖ sits near half a bfloat16 unit of W's entries, so its rounding error would be
       the same for every token instead of averaging out over them, as rounding in the layer's output does.
     - Cheaper and no larger (``shifted``: a pass with a constant shift): W has at most as many entries as the
-      layer's input x ([tokens, in]) or its output y ([tokens, out]), i.e. min(in, out) ≤ tokens. Then forming
-      W' = W + c w Bᵀ (once in forward, once in backward; [out, in] written, never saved, one layer at a time) needs
-      no more memory than a tensor the layer reads or writes anyway, and its 2 r·out·in multiply-adds are at most
-      2 r·tokens·(in + out), fewer than the r·tokens·(4 in + 4 out) of adding c (x B) wᵀ to the output and
-      c (∂g/∂y w) Bᵀ to ∂g/∂x with the probes on top. A language-model head applied to few tokens at a time (chunks
-      of the loss: tokens < hidden ≪ vocabulary) keeps the terms. Without a shift (the upper pass: probes only) W
-      is used as it is: one node instead of two.
+      layer's input x ([tokens, in]), i.e. out ≤ tokens, or at most :data:`SMALL_WEIGHT_ENTRIES` entries. Then
+      forming W + c w Bᵀ (once in forward, once in backward; [out, in] written, never saved) costs no more memory
+      than x (or than 1 MB) and less time than adding c (x B) wᵀ to the output and c (∂g/∂y w) Bᵀ to ∂g/∂x: for
+      out ≤ tokens the products are fewer; for a small layer, one autograd node instead of two outweighs them. A
+      wide layer at fewer tokens than its width (a language-model head, out = vocabulary ≫ tokens) keeps the terms:
+      forming its weight twice costs about as much as the terms or more, and its transient weight can be a sizeable
+      share of the pass's memory. Without a shift (the upper pass: probes only) W is used as it is: one node instead
+      of two.
     """
     weight = module.weight
     return (
@@ -296,7 +304,7 @@ def _fuses_shift_into_weight(module: nn.Module, x: Tensor, shifted: bool = True)
         and x.dtype == weight.dtype
         and x.dtype in (torch.float32, torch.float64)
         and not torch.is_autocast_enabled(x.device.type)
-        and (not shifted or min(weight.shape) <= x.numel() // x.shape[-1])  # min(in, out) ≤ tokens
+        and (not shifted or weight.numel() <= max(x.numel(), SMALL_WEIGHT_ENTRIES))
     )
 
 
