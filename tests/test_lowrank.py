@@ -269,6 +269,8 @@ def test_shift_in_the_weight_is_the_layer_at_the_shifted_weight(monkeypatch, kin
     assert _fuses_shift_into_weight(layer, x)
     few = torch.randn(2, 2, width_in)
     assert not _fuses_shift_into_weight(layer, few)
+    between = torch.randn(2, 4, width_in)  # 8 tokens: more than the widening layer's inputs, fewer than its outputs
+    assert _fuses_shift_into_weight(layer, between) == (width_out <= 8), "out > tokens keeps the terms (a head)"
     monkeypatch.setattr(lowrank, "SMALL_WEIGHT_ENTRIES", width_in * width_out)
     assert _fuses_shift_into_weight(layer, few), "a small weight takes the node at any number of tokens"
     with torch.autocast("cpu", dtype=torch.bfloat16):
