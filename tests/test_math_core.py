@@ -601,6 +601,46 @@ def test_auxiliary_residual_gives_the_same_step():
         torch.testing.assert_close(one.upper.logits, engine_.upper.logits)
 
 
+@pytest.mark.parametrize("upper_grad_given", [True, False], ids=["both terms", "residual"])
+@pytest.mark.parametrize("radius", [None, 0.5])
+def test_auxiliary_step_is_the_formula(upper_grad_given, radius):
+    """z ← Π_R(z − κ γ_n P (Pᵀ H S_Q z − Pᵀ∇f)) exactly, with P materialised: a sketched matrix (γ_n = γ r/n) and a
+    full-space vector (P = I), the two terms or their residual (as the trainer accumulates it), with and without the
+    projection on ‖z‖ ≤ R."""
+    from bros_hf.core.engine import BilevelEngine, BilevelHyperparameters
+
+    generator = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(12, 40, generator=generator), "b": torch.randn(12, generator=generator)}
+    hparams = BilevelHyperparameters(method="bros", rank=8, aux_lr=0.3, z_radius=radius)
+    engine = BilevelEngine(params, _LogRegularisation(1), hparams, seed=0)
+    sketch = engine.sketch_p
+    assert sketch.matrices["w"] is not None and sketch.matrices["b"] is None
+    start = {n: torch.randn(p.shape, generator=generator) for n, p in params.items()}
+    action = {n: torch.randn(sketch.coordinate_shape(n, p), generator=generator) for n, p in params.items()}
+    grad = {n: torch.randn_like(a) for n, a in action.items()}
+    factor = torch.tensor(0.7)
+    for name, z in engine.z.items():
+        z.copy_(start[name])
+    if upper_grad_given:
+        engine.update_auxiliary(action, grad, factor)
+    else:
+        engine.update_auxiliary({n: action[n] - grad[n] for n in params}, {}, factor)
+
+    expected = {}
+    for name, p in params.items():
+        gamma = 0.3 * (8 / 40 if name == "w" else 1.0)
+        step = sketch.expand_one(name, action[name] - grad[name], p.shape)
+        if name == "w":
+            torch.testing.assert_close(step, (action[name] - grad[name]) @ sketch.matrices["w"].T)
+        expected[name] = start[name] - 0.7 * gamma * step
+    if radius is not None:
+        norm = torch.sqrt(sum(e.pow(2).sum() for e in expected.values()))
+        expected = {n: e * min(1.0, radius / float(norm)) for n, e in expected.items()}
+        assert float(norm) > radius  # the projection is exercised
+    for name in params:
+        torch.testing.assert_close(engine.z[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Auxiliary step limit
 # ---------------------------------------------------------------------------------------------
