@@ -261,12 +261,17 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
                 stacklevel=3,
             )
 
+    def _loss_is_built_in(self) -> bool:
+        """Whether the per-example loss is this class's own (no overridden ``per_example_loss``, no
+        ``compute_loss_func``)."""
+        return type(self).per_example_loss is BROSTrainer.per_example_loss and self.compute_loss_func is None
+
     def _check_loss_chunking(self) -> None:
         """``loss_chunk_size`` computes the built-in causal-LM loss from hidden states: refuse it where that is not
         the loss (a custom one, an encoder-decoder, a model without a separate head)."""
         if self.args.loss_chunk_size is None:
             return
-        if type(self).per_example_loss is not BROSTrainer.per_example_loss or self.compute_loss_func is not None:
+        if not self._loss_is_built_in():
             raise ValueError(
                 "loss_chunk_size computes the built-in causal-LM loss from the final hidden states, chunk by chunk; "
                 "this trainer's per-example loss is custom (an overridden per_example_loss or a compute_loss_func) and "
@@ -539,7 +544,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
 
     def _packed_loss(self, outputs: Any, labels: Tensor, packing: Packing) -> Tensor:
         """Per-segment losses of packed rows; only the built-in loss knows where a segment's tokens are."""
-        if type(self).per_example_loss is not BROSTrainer.per_example_loss or self.compute_loss_func is not None:
+        if not self._loss_is_built_in():
             raise ValueError(
                 "This batch packs several examples into one row (position_ids restart inside rows), and the "
                 "per-example loss is custom (an overridden per_example_loss or a compute_loss_func), which cannot "
@@ -637,8 +642,7 @@ class BROSTrainer(AtomicCheckpointMixin, Trainer):
                     outputs = functional_call(model, dict(params), args=(), kwargs=model_inputs, strict=False)
             # The built-in loss is the only reader of these logits, so its backward may write their gradient into
             # them (no second logits-sized buffer per pass); a custom loss might read them in another way.
-            built_in_loss = type(self).per_example_loss is BROSTrainer.per_example_loss and self.compute_loss_func is None
-            with gradient_in_logits() if built_in_loss else contextlib.nullcontext():
+            with gradient_in_logits() if self._loss_is_built_in() else contextlib.nullcontext():
                 losses, counts = self._losses_from_outputs(params, model_inputs, outputs, labels, packing)
         if packing is not None and KEY_COLUMN not in inputs:  # upper batches: padding segments are not examples
             losses = losses[counts > 0]
