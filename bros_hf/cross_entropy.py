@@ -112,10 +112,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
             block = grad[rows] if in_place else scratch[: grad[rows].shape[0]]
-            if block.data_ptr() == logits[rows].data_ptr():
-                block.sub_(lse[rows, None])
-            else:
-                torch.sub(logits[rows], lse[rows, None], out=block)
+            torch.sub(logits[rows], lse[rows, None], out=block)  # in place where block is these very rows
             block.exp_().mul_(weight[rows])
             block.scatter_add_(1, targets[rows, None], weight[rows] * -(1.0 - smoothing))
             if smoothing:
