@@ -17,6 +17,13 @@ Trainer set-up, :func:`benchmarks.worker.build_trainer`) with light timers aroun
   for BROS (``fold``);
 - ``other``: the rest of the step (the Trainer's loop, data, upper batch, accumulating the terms).
 
+The ``floor`` method is the work BROS cannot avoid: a step of :data:`FLOOR_PASSES` forward and backward passes of
+the plain model on the training batch with no weight gradient (the backward goes to the input embeddings, or to
+the pixels, only), as BROS's two finite-difference passes and its upper pass do, without their low-rank terms,
+the full-space tensors' gradients, the bilevel updates and the optimizer. ``× floor`` is a step's time over the
+floor's: how much of a BROS step is overhead; ``× plain`` of the floor row is the least a BROS step can cost
+against the plain Trainer at that size.
+
 Columns are milliseconds per step, means over the measured steps after ``--warmup``; ``step min`` and ``step
 median`` are the whole step's CPU time (the minimum is the least disturbed by other jobs on a shared machine).
 Writes ``OUTPUT_DIR/step_profile.json`` and ``OUTPUT_DIR/step_profile.md``.
@@ -36,6 +43,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+FLOOR_PASSES = 3
+"""Forward and backward passes per BROS step: θ + δd and θ − δd on the training batch, θ on the upper batch."""
 
 PARTS = (
     "forward",
@@ -118,6 +128,32 @@ def _instrument(timer: StepTimer, trainer: Any, method: str) -> list[Callable[[]
     return undo
 
 
+def _without_weight_gradients(trainer: Any, timer: StepTimer) -> Callable[..., torch.Tensor]:
+    """A ``training_step`` for the plain Trainer that runs the ``floor``: :data:`FLOOR_PASSES` forward and backward
+    passes whose backward reaches only a leaf made of the model's inputs (token embeddings, or pixels), so autograd
+    computes no weight-gradient product."""
+
+    def training_step(model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        model.train()
+        inputs = trainer._prepare_inputs(inputs)
+        for _ in range(FLOOR_PASSES):
+            with timer.part("forward"):
+                model_inputs = dict(inputs)
+                if "pixel_values" in model_inputs:
+                    leaf = model_inputs["pixel_values"].detach().clone().requires_grad_(True)
+                    model_inputs["pixel_values"] = leaf
+                else:
+                    ids = model_inputs.pop("input_ids")
+                    leaf = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+                    model_inputs["inputs_embeds"] = leaf
+                loss = model(**model_inputs).loss
+            with timer.part("backward"):
+                torch.autograd.grad(loss, leaf)
+        return loss.detach()
+
+    return training_step
+
+
 def profile_one(size_name: str, method_name: str, steps: int, warmup: int, batch_size: int) -> dict[str, Any]:
     """Train ``steps`` steps of one configuration with the timers on; per-step means after ``warmup``."""
     from transformers import TrainerCallback
@@ -129,9 +165,10 @@ def profile_one(size_name: str, method_name: str, steps: int, warmup: int, batch
     from benchmarks.worker import build_trainer
 
     torch.set_num_threads(1)
-    method = METHODS[method_name]
+    floor = method_name == "floor"
+    method = METHODS["plain" if floor else method_name]
     size = SIZES[size_name]
-    spec = quick_spec(method_name, steps, "cpu", batch_size)
+    spec = quick_spec(method.name, steps, "cpu", batch_size)
     torch.manual_seed(0)
     model = build_model(size, 0)
     train_ds, target_ds, _ = build_data(size, 128, 96, 6, seed=0)
@@ -160,7 +197,11 @@ def profile_one(size_name: str, method_name: str, steps: int, warmup: int, batch
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = build_trainer(spec, model, train_ds, target_ds, output_dir, [Steps()])
         trainer.args.logging_steps = steps  # metrics read once, as in a run that logs every few hundred steps
-        undo = _instrument(timer, trainer, method.method)
+        if floor:
+            trainer.training_step = _without_weight_gradients(trainer, timer)
+            undo = []
+        else:
+            undo = _instrument(timer, trainer, method.method)
         try:
             trainer.train()
         finally:
@@ -187,18 +228,22 @@ def profile_one(size_name: str, method_name: str, steps: int, warmup: int, batch
 
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| size | params | method | step min | step median | × plain (min) | forward | of which low-rank "
-        "| of which shifted layers | backward | of which low-rank | of which shifted layers | sketches | updates "
-        "| optimizer (fold) | other |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| size | params | method | step min | step median | × plain (min) | × floor (min) | forward "
+        "| of which low-rank | of which shifted layers | backward | of which low-rank | of which shifted layers "
+        "| sketches | updates | optimizer (fold) | other |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    plain = {r["size"]: r["step_min_ms"] for r in results if r["method"] == "plain"}
+
+    def ratio(r: dict[str, Any], reference: str) -> str:
+        base = {x["size"]: x["step_min_ms"] for x in results if x["method"] == reference}
+        return f"{r['step_min_ms'] / base[r['size']]:.2f}" if r["size"] in base else "—"
+
     for r in results:
         p = r["parts_ms"]
-        ratio = f"{r['step_min_ms'] / plain[r['size']]:.2f}" if r["size"] in plain else "—"
         lines.append(
             f"| {r['size']} | {r['n_params'] / 1e6:.2f}M | {r['method']} | {r['step_min_ms']:.1f} | "
-            f"{r['step_median_ms']:.1f} | {ratio} | {p['forward']:.1f} | {p['lowrank terms fwd']:.1f} | "
+            f"{r['step_median_ms']:.1f} | {ratio(r, 'plain')} | {ratio(r, 'floor')} | {p['forward']:.1f} | "
+            f"{p['lowrank terms fwd']:.1f} | "
             f"{p['shifted layers fwd']:.1f} | {p['backward']:.1f} | {p['lowrank terms bwd']:.1f} | "
             f"{p['shifted layers bwd']:.1f} | {p['sketches']:.1f} | {p['updates']:.1f} | "
             f"{p['optimizer']:.1f} ({p['fold']:.1f}) | {r['other_ms']:.1f} |"
@@ -209,7 +254,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["llama-xs", "llama-s", "llama-m", "vit-tiny"])
-    parser.add_argument("--methods", nargs="+", default=["plain", "bros-r16-fd"])
+    parser.add_argument("--methods", nargs="+", default=["plain", "floor", "bros-r16-fd"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=6)
