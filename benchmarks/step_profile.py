@@ -2,9 +2,11 @@
 
     python -m benchmarks.step_profile --sizes llama-xs llama-s llama-m vit-tiny --steps 30
 
-Each (size, method) trains ``--steps`` steps in this process (one thread, the harness's model, data and
-Trainer set-up, :func:`benchmarks.worker.build_trainer`) with light timers around the parts of a step
-(process CPU time, no cProfile: its per-call cost would distort small models, whose steps are Python-bound):
+Each (size, method) trains ``--steps`` steps in a process of its own, one after another (``--in_process``: all
+in this one; a method run after another in the same process inherits its heap, which moved a step by up to 8 % at
+GPT-2 124M), with one thread, the harness's model, data and Trainer set-up
+(:func:`benchmarks.worker.build_trainer`) and light timers around the parts of a step (process CPU time, no
+cProfile: its per-call cost would distort small models, whose steps are Python-bound):
 
 - ``forward``: the model's forward and the per-example losses (BROS: ``BROSTrainer._losses``, every pass;
   plain: ``Trainer.compute_loss``), including, for BROS, ``lowrank terms fwd``: the low-rank nodes added after
@@ -36,6 +38,8 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -218,6 +222,7 @@ def profile_one(size_name: str, method_name: str, steps: int, warmup: int, batch
         "n_params": count_parameters(model),
         "batch_size": batch_size,
         "measured_steps": len(step_times),
+        "pid": os.getpid(),
         "step_min_ms": 1000 * min(step_times),
         "step_median_ms": 1000 * statistics.median(step_times),
         "step_mean_ms": step_mean,
@@ -251,6 +256,26 @@ def markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def profile_in_subprocess(size_name: str, method_name: str, steps: int, warmup: int, batch_size: int) -> dict[str, Any]:
+    """:func:`profile_one` in a fresh Python process (this module with ``--in_process``), so that no earlier run's
+    heap, caches or threads carry over into the measurement."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        command = [
+            sys.executable, "-m", "benchmarks.step_profile", "--in_process", "--sizes", size_name,
+            "--methods", method_name, "--steps", str(steps), "--warmup", str(warmup),
+            "--batch_size", str(batch_size), "--output_dir", output_dir,
+        ]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where ``benchmarks`` imports from
+        completed = subprocess.run(command, capture_output=True, text=True, cwd=root)
+        if completed.returncode != 0:
+            raise SystemExit(
+                f"{size_name}/{method_name} failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}"
+            )
+        with open(os.path.join(output_dir, "step_profile.json")) as handle:
+            (result,) = json.load(handle)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["llama-xs", "llama-s", "llama-m", "vit-tiny"])
@@ -259,12 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=6)
     parser.add_argument("--output_dir", default=os.path.join("outputs", "benchmarks", "step_profile"))
+    parser.add_argument("--in_process", action="store_true", help="run every (size, method) in this process")
     args = parser.parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
+    profile = profile_one if args.in_process else profile_in_subprocess
     results = []
     for size in args.sizes:
         for method in args.methods:
-            results.append(profile_one(size, method, args.steps, args.warmup, args.batch_size))
+            results.append(profile(size, method, args.steps, args.warmup, args.batch_size))
             print(json.dumps(results[-1]), flush=True)
     with open(os.path.join(args.output_dir, "step_profile.json"), "w") as handle:
         json.dump(results, handle, indent=1)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -66,3 +69,16 @@ def test_floor_runs_three_passes_that_compute_no_weight_gradient(size):
     assert all(p.grad is None for p in model.parameters())
     assert torch.isfinite(loss) and loss == forwards[-1].detach()
     assert timer.totals["forward"] > 0 and timer.totals["backward"] > 0
+
+
+def test_each_method_runs_in_a_process_of_its_own(tmp_path):
+    from benchmarks.step_profile import main
+
+    assert main(["--sizes", "llama-test", "--methods", "plain", "floor", "--steps", "3", "--warmup", "1",
+                 "--output_dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "step_profile.json").read_text())
+    assert [r["method"] for r in results] == ["plain", "floor"]
+    pids = {r["pid"] for r in results}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert all(r["measured_steps"] == 2 for r in results)
+    assert "| llama-test | " in (tmp_path / "step_profile.md").read_text()
