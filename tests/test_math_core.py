@@ -641,6 +641,34 @@ def test_auxiliary_step_is_the_formula(upper_grad_given, radius):
         torch.testing.assert_close(engine.z[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("z_dtype", [None, "bfloat16"])
+def test_projection_is_the_identity_inside_the_ball_and_lands_on_the_sphere_outside(z_dtype):
+    """Π_R: z with ‖z‖ < R is left as it is, not rewritten (on the CPU a factor of exactly 1 skips the multiply:
+    z's version counters do not move); z with ‖z‖ > R is scaled onto ‖z‖ = R."""
+    from bros_hf.core.engine import BilevelEngine, BilevelHyperparameters
+
+    generator = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(12, 40, generator=generator), "b": torch.randn(12, generator=generator)}
+    radius = 2.0
+    hparams = BilevelHyperparameters(method="bros", rank=8, aux_lr=0.3, z_radius=radius, z_dtype=z_dtype)
+    engine = BilevelEngine(params, _LogRegularisation(1), hparams, seed=0)
+    start = {n: torch.randn(p.shape, generator=generator) for n, p in params.items()}
+    norm = torch.sqrt(sum(t.pow(2).sum() for t in start.values()))
+    for scale in (0.5, 3.0):  # inside, outside
+        for name, z in engine.z.items():
+            z.copy_(start[name] * (scale * radius / norm))
+        before = {n: z.clone() for n, z in engine.z.items()}
+        versions = {n: z._version for n, z in engine.z.items()}
+        engine._project_z()
+        if scale < 1.0:
+            assert all(engine.z[n]._version == versions[n] for n in engine.z)
+            assert all(torch.equal(engine.z[n], before[n]) for n in engine.z)
+        else:
+            assert all(engine.z[n]._version > versions[n] for n in engine.z)
+            after = torch.sqrt(sum(z.float().pow(2).sum() for z in engine.z.values()))
+            assert float(after) == pytest.approx(radius, rel=1e-2 if z_dtype else 1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Auxiliary step limit
 # ---------------------------------------------------------------------------------------------

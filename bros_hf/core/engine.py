@@ -462,11 +462,16 @@ class BilevelEngine:
         self._project_z()
 
     def _project_z(self) -> None:
-        """z ← z · min(1, R / ‖z‖) (Π_R), on the device (no host synchronisation)."""
+        """z ← z · min(1, R / ‖z‖) (Π_R), on the device without a host synchronisation. On the CPU, where reading
+        the factor costs nothing, a factor of exactly 1 (z inside the ball) skips the multiply: one read and one
+        write of z fewer, the same z."""
         radius = self.hparams.z_radius
-        if radius is not None:
-            shrink = (radius / global_norm(self.z)).clamp_(max=1.0)
-            _times_scalar(list(self.z.values()), shrink, in_place=True)
+        if radius is None:
+            return
+        shrink = (radius / global_norm(self.z)).clamp_(max=1.0)
+        if shrink.device.type == "cpu" and float(shrink) == 1.0:
+            return
+        _times_scalar(list(self.z.values()), shrink, in_place=True)
 
     def _update_low_precision_z(
         self, hessian_action: Mapping[str, Tensor], upper_grad: Mapping[str, Tensor], factor: Tensor | None
