@@ -239,8 +239,11 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
+    minima = {reference: {x["size"]: x["step_min_ms"] for x in results if x["method"] == reference}
+              for reference in ("plain", "floor")}
+
     def ratio(r: dict[str, Any], reference: str) -> str:
-        base = {x["size"]: x["step_min_ms"] for x in results if x["method"] == reference}
+        base = minima[reference]
         return f"{r['step_min_ms'] / base[r['size']]:.2f}" if r["size"] in base else "—"
 
     for r in results:
