@@ -570,9 +570,14 @@ class BilevelEngine:
         return update
 
     def step(self, lower_loss_fn: LowerLossFn, upper_loss_fn: LossFn, lower_lr: float) -> StepStatistics:
-        """One whole BROS/MA-SOBA step on one batch pair with SGD on the lower level (custom loops)."""
+        """One whole BROS/MA-SOBA step on one batch pair with SGD on the lower level (custom loops).
+
+        z takes the auxiliary residual Pᵀ H S_Q z − Pᵀ∇f in one expansion (:meth:`Terms.accumulation_share`), as
+        ``BROSTrainer`` does: P(a − b) and Pa − Pb round differently, and the cross term's finite difference
+        divides such round-off by 2δ, so only the same operations give the Trainer's step to the last bit."""
         self.begin_step()
-        return self.apply(self.compute_terms(lower_loss_fn, upper_loss_fn), self.sgd(lower_lr))
+        terms = self.compute_terms(lower_loss_fn, upper_loss_fn).accumulation_share(1.0)
+        return self.apply(terms, self.sgd(lower_lr))
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
