@@ -146,10 +146,15 @@ def _without_weight_gradients(trainer: Any, timer: StepTimer) -> Callable[..., t
                 if "pixel_values" in model_inputs:
                     leaf = model_inputs["pixel_values"].detach().clone().requires_grad_(True)
                     model_inputs["pixel_values"] = leaf
-                else:
+                elif "input_ids" in model_inputs:
                     ids = model_inputs.pop("input_ids")
                     leaf = model.get_input_embeddings()(ids).detach().requires_grad_(True)
                     model_inputs["inputs_embeds"] = leaf
+                else:
+                    raise ValueError(
+                        f"The floor needs input_ids or pixel_values in the batch to make its input leaf; this one has "
+                        f"{sorted(model_inputs)}. Profile such a model with the plain and BROS methods only."
+                    )
                 loss = model(**model_inputs).loss
             with timer.part("backward"):
                 torch.autograd.grad(loss, leaf)

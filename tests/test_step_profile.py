@@ -71,6 +71,13 @@ def test_floor_runs_three_passes_that_compute_no_weight_gradient(size):
     assert timer.totals["forward"] > 0 and timer.totals["backward"] > 0
 
 
+def test_floor_refuses_a_batch_without_token_ids_or_pixels():
+    model = build_model(SIZES["llama-test"], 0)
+    timer = StepTimer()
+    with pytest.raises(ValueError, match="input_ids or pixel_values.*'labels'"):
+        _without_weight_gradients(_Trainer(), timer)(model, {"labels": torch.zeros(2, 4, dtype=torch.long)})
+
+
 def test_each_method_runs_in_a_process_of_its_own(tmp_path):
     from benchmarks.step_profile import main
 
